@@ -1,0 +1,444 @@
+"""Fused distillation loss: loss and dL/dz_s in one launch.
+
+Design
+------
+One program per row (N rows of V logits).  Each program
+
+1. *statistics pass*: streams the row in BLOCK-wide tiles, keeping per-lane online
+   max / sum-of-exp for the student at T (a = z_s / T), the teacher at T
+   (b = z_t / T) and, when the hard term is on and T != 1, the student at T = 1.
+   Lanes are merged once at the end, so the loop body has no cross-lane reduction;
+2. *divergence pass* (reverse KL and JSD only): the gradient of those divergences
+   needs the row scalar K = KL(p_s || p_t) or KL(p_s || M) before any element of
+   the gradient can be written, so one more streaming pass computes it exactly;
+3. *gradient pass*: writes dL/dz_s in the student's dtype and accumulates the
+   forward-KL loss from exact per-element log-ratios (no cancellation between
+   large logsumexps).
+
+A row that fits one tile (V <= BLOCK) is read once: all passes run on registers.
+Zero probabilities (-inf logits) contribute exactly 0 to loss and gradient.
+Ignored rows (label == ignore_index) load nothing, write a zero gradient and a
+zero loss.  Row offsets are int64, so N * V beyond 2**31 is fine.
+
+The gradient is stored in forward with the batchmean factor 1/n_counted already
+folded in (read from a device scalar: no host sync).  Backward multiplies it in
+place by grad_output; a scalar grad_output equal to 1 (a plain ``loss.backward()``)
+is detected *on the device* and the scale kernel returns without touching memory.
+
+Limits
+------
+* Last dim must be contiguous (other strides are copied once); leading dims may be
+  strided.  Logits float32/float16/bfloat16; all arithmetic in float32.
+* One row per program: tiny V with huge N under-uses a GPU (still correct).
+* The gradient buffer is scaled in place by backward, so backward through the same
+  graph twice (``retain_graph=True``) raises instead of returning a wrong gradient.
+* Out-of-range labels on CUDA are not checked on the host (that needs a sync): the
+  row loss becomes NaN instead (and ``tl.device_assert`` fires in debug mode).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kdbench.kernels._utils import as_rows, launch_config
+
+FORWARD, REVERSE, JSD = 0, 1, 2
+_DIVERGENCE_CODE = {"forward": FORWARD, "reverse": REVERSE, "jsd": JSD}
+NEG_INF = float("-inf")
+
+
+@triton.jit
+def _online_update(m, s, x):
+    """Per-lane online logsumexp state (m, s) after seeing x (any may be -inf)."""
+    m_new = tl.maximum(m, x)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s_new = s * tl.exp(m - m_safe) + tl.exp(x - m_safe)
+    return m_new, s_new
+
+
+@triton.jit
+def _lanes_lse(m, s):
+    """Merge per-lane (m, s) into the row's logsumexp (-inf for an all -inf row)."""
+    m_row = tl.max(m, axis=0)
+    m_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
+    s_row = tl.sum(s * tl.exp(m - m_safe), axis=0)
+    return m_safe + tl.log(s_row)
+
+
+@triton.jit
+def _block_lse(x):
+    """logsumexp of a whole tile (-inf for an all -inf tile)."""
+    m = tl.max(x, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return m_safe + tl.log(tl.sum(tl.exp(x - m_safe), axis=0))
+
+
+@triton.jit
+def _p_log_ratio(p, log_p, log_q):
+    """p * (log p - log q), exactly 0 where p == 0."""
+    pos = p > 0
+    return tl.where(pos, p * (tl.where(pos, log_p, 0.0) - tl.where(pos, log_q, 0.0)), 0.0)
+
+
+@triton.jit
+def _log_mixture(log_pt, log_ps, log_beta, log_1m_beta):
+    """log(beta p_t + (1 - beta) p_s), -inf where both are zero."""
+    x = log_pt + log_beta
+    y = log_ps + log_1m_beta
+    hi = tl.maximum(x, y)
+    lo = tl.minimum(x, y)
+    hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
+    return tl.where(hi == float("-inf"), float("-inf"), hi_safe + tl.log(1.0 + tl.exp(lo - hi_safe)))
+
+
+@triton.jit
+def _row_terms(
+    a,  # (BLOCK,) student logits / T, -inf padded
+    b,  # (BLOCK,) teacher logits / T, -inf padded
+    lse_a,  # scalar
+    lse_b,  # scalar
+    beta,
+    log_beta,
+    log_1m_beta,
+    DIVERGENCE: tl.constexpr,
+):
+    """Per-element (loss term, K term) where K is the row scalar the gradient needs."""
+    log_ps = a - lse_a
+    log_pt = b - lse_b
+    p_s = tl.exp(log_ps)
+    p_t = tl.exp(log_pt)
+    if DIVERGENCE == 0:
+        loss = _p_log_ratio(p_t, log_pt, log_ps)
+        k = loss
+    elif DIVERGENCE == 1:
+        loss = _p_log_ratio(p_s, log_ps, log_pt)
+        k = loss
+    else:
+        log_m = _log_mixture(log_pt, log_ps, log_beta, log_1m_beta)
+        k = _p_log_ratio(p_s, log_ps, log_m)
+        loss = beta * _p_log_ratio(p_t, log_pt, log_m) + (1.0 - beta) * k
+    return loss, k
+
+
+@triton.jit
+def _soft_grad(
+    a,  # (BLOCK,) student logits / T
+    b,  # (BLOCK,) teacher logits / T
+    lse_a,
+    lse_b,
+    k_row,  # KL(p_s || p_t) (reverse) or KL(p_s || M) (jsd); unused for forward
+    beta,
+    log_beta,
+    log_1m_beta,
+    DIVERGENCE: tl.constexpr,
+):
+    """d divergence / d a (multiply by 1/T for d / d z_s)."""
+    log_ps = a - lse_a
+    log_pt = b - lse_b
+    p_s = tl.exp(log_ps)
+    if DIVERGENCE == 0:
+        g = p_s - tl.exp(log_pt)
+    elif DIVERGENCE == 1:
+        pos = p_s > 0
+        g = tl.where(pos, p_s * (tl.where(pos, log_ps - log_pt, 0.0) - k_row), 0.0)
+    else:
+        log_m = _log_mixture(log_pt, log_ps, log_beta, log_1m_beta)
+        pos = p_s > 0
+        g = (1.0 - beta) * tl.where(pos, p_s * (tl.where(pos, log_ps - log_m, 0.0) - k_row), 0.0)
+    return g
+
+
+@triton.jit
+def _kd_fwd_kernel(
+    s_ptr,  # (N, V) student logits, unit column stride
+    s_stride,  # elements between student rows
+    t_ptr,  # (N, V) teacher logits, unit column stride
+    t_stride,  # elements between teacher rows
+    y_ptr,  # (N,) int64 labels; read only if HAS_LABELS
+    loss_ptr,  # (N,) float32 out: row loss, 0 for ignored rows
+    g_ptr,  # (N, V) out: dL/dz_s in the student's dtype, contiguous; written only if COMPUTE_GRAD
+    g_stride,  # elements between gradient rows
+    gscale_ptr,  # (1,) float32: factor folded into the gradient; read only if SCALE_GRAD
+    V,  # number of classes
+    inv_t,  # 1 / T
+    soft_w,  # (1 - alpha) * T^2
+    hard_w,  # alpha
+    beta,  # JSD mixture weight
+    log_beta,  # log(beta)
+    log_1m_beta,  # log(1 - beta)
+    ignore_index,  # label marking an ignored row
+    DIVERGENCE: tl.constexpr,  # 0 forward KL, 1 reverse KL, 2 JSD
+    HAS_LABELS: tl.constexpr,
+    HAS_SOFT: tl.constexpr,  # alpha < 1
+    HAS_HARD: tl.constexpr,  # alpha > 0
+    T_IS_ONE: tl.constexpr,  # the hard term reuses the soft student statistics
+    COMPUTE_GRAD: tl.constexpr,
+    SCALE_GRAD: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,  # V <= BLOCK: the row is read once
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    g_row = g_ptr + row * g_stride
+    cols = tl.arange(0, BLOCK)
+
+    counted = True
+    label = 0
+    if HAS_LABELS:
+        label = tl.load(y_ptr + row)
+        counted = label != ignore_index
+    # Ignored rows read nothing: every load is masked off.
+    v_eff = tl.where(counted, V, 0)
+    label_ok = (label >= 0) & (label < V)
+    tl.device_assert(label_ok | (counted == 0), "label out of range [0, V)")
+    safe_label = tl.where(label_ok & counted, label, 0)
+
+    gscale = 1.0
+    if SCALE_GRAD:
+        gscale = tl.load(gscale_ptr)
+    gscale = tl.where(counted, gscale, 0.0)
+
+    if SINGLE_BLOCK:
+        mask = cols < v_eff
+        z = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        zt = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        a = z * inv_t
+        b = zt * inv_t
+        lse_a = _block_lse(a)
+        lse_b = _block_lse(b)
+        lse_1 = lse_a
+        if HAS_HARD and not T_IS_ONE:
+            lse_1 = _block_lse(z)
+        loss = 0.0
+        g = tl.zeros([BLOCK], tl.float32)
+        if HAS_SOFT:
+            terms, k_terms = _row_terms(a, b, lse_a, lse_b, beta, log_beta, log_1m_beta, DIVERGENCE)
+            loss = soft_w * tl.sum(terms, axis=0)
+            if COMPUTE_GRAD:
+                k_row = tl.sum(k_terms, axis=0)
+                g = (soft_w * inv_t) * _soft_grad(a, b, lse_a, lse_b, k_row, beta, log_beta, log_1m_beta, DIVERGENCE)
+        if HAS_HARD:
+            if COMPUTE_GRAD:
+                g += hard_w * (tl.exp(z - lse_1) - tl.where(cols == safe_label, 1.0, 0.0))
+        if COMPUTE_GRAD:
+            g = tl.where(mask, g * gscale, 0.0)
+            tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cols < V)
+    else:
+        # ---- pass 1: per-lane online statistics --------------------------------
+        m_a = tl.full([BLOCK], float("-inf"), tl.float32)
+        s_a = tl.zeros([BLOCK], tl.float32)
+        m_b = tl.full([BLOCK], float("-inf"), tl.float32)
+        s_b = tl.zeros([BLOCK], tl.float32)
+        m_1 = tl.full([BLOCK], float("-inf"), tl.float32)
+        s_1 = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, V, BLOCK):
+            c = start + cols
+            mask = c < v_eff
+            z = tl.load(s_row + c, mask=mask, other=float("-inf")).to(tl.float32)
+            m_a, s_a = _online_update(m_a, s_a, z * inv_t)
+            if HAS_SOFT:
+                zt = tl.load(t_row + c, mask=mask, other=float("-inf")).to(tl.float32)
+                m_b, s_b = _online_update(m_b, s_b, zt * inv_t)
+            if HAS_HARD and not T_IS_ONE:
+                m_1, s_1 = _online_update(m_1, s_1, z)
+        lse_a = _lanes_lse(m_a, s_a)
+        lse_b = _lanes_lse(m_b, s_b)
+        lse_1 = lse_a
+        if HAS_HARD and not T_IS_ONE:
+            lse_1 = _lanes_lse(m_1, s_1)
+
+        # ---- pass 2: the row scalar K (reverse KL and JSD) ---------------------
+        loss_acc = tl.zeros([BLOCK], tl.float32)
+        k_row = 0.0
+        if HAS_SOFT and DIVERGENCE != 0:
+            k_acc = tl.zeros([BLOCK], tl.float32)
+            for start in range(0, V, BLOCK):
+                c = start + cols
+                mask = c < v_eff
+                a = tl.load(s_row + c, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+                b = tl.load(t_row + c, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+                terms, k_terms = _row_terms(a, b, lse_a, lse_b, beta, log_beta, log_1m_beta, DIVERGENCE)
+                loss_acc += terms
+                k_acc += k_terms
+            k_row = tl.sum(k_acc, axis=0)
+
+        # ---- pass 3: gradient (and the forward-KL loss) ------------------------
+        if COMPUTE_GRAD or (HAS_SOFT and DIVERGENCE == 0):
+            for start in range(0, V, BLOCK):
+                c = start + cols
+                mask = c < v_eff
+                z = tl.load(s_row + c, mask=mask, other=float("-inf")).to(tl.float32)
+                a = z * inv_t
+                g = tl.zeros([BLOCK], tl.float32)
+                if HAS_SOFT:
+                    b = tl.load(t_row + c, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+                    if DIVERGENCE == 0:
+                        terms, k_terms = _row_terms(a, b, lse_a, lse_b, beta, log_beta, log_1m_beta, DIVERGENCE)
+                        loss_acc += terms
+                    if COMPUTE_GRAD:
+                        g = (soft_w * inv_t) * _soft_grad(a, b, lse_a, lse_b, k_row, beta, log_beta, log_1m_beta, DIVERGENCE)
+                if COMPUTE_GRAD:
+                    if HAS_HARD:
+                        g += hard_w * (tl.exp(z - lse_1) - tl.where(c == safe_label, 1.0, 0.0))
+                    g = tl.where(mask, g * gscale, 0.0)
+                    tl.store(g_row + c, g.to(g_ptr.dtype.element_ty), mask=c < V)
+        loss = soft_w * tl.sum(loss_acc, axis=0)
+
+    if HAS_HARD:
+        z_y = tl.load(s_row + safe_label, mask=counted, other=0.0).to(tl.float32)
+        loss += hard_w * (lse_1 - z_y)
+    loss = tl.where(counted, loss, 0.0)
+    loss = tl.where(label_ok | (counted == 0), loss, float("nan"))
+    tl.store(loss_ptr + row, loss)
+
+
+@triton.jit
+def _scale_grad_kernel(
+    g_ptr,  # (N, V) gradient, scaled in place
+    g_stride,  # elements between rows
+    go_ptr,  # (1,) or (N,) float32 grad_output
+    V,  # number of classes
+    PER_ROW: tl.constexpr,  # grad_output has one value per row (reduction="none")
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    if PER_ROW:
+        go = tl.load(go_ptr + row)
+    else:
+        go = tl.load(go_ptr)
+    # The common case, loss.backward() on a scalar, has grad_output == 1: checked
+    # here on the device, so the host never syncs and memory is not touched.
+    if go != 1.0:
+        mask = cols < V
+        ptrs = g_ptr + row * g_stride + cols
+        g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, (g * go).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+class _KDLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        student: torch.Tensor,
+        teacher: torch.Tensor,
+        labels: torch.Tensor | None,
+        temperature: float,
+        alpha: float,
+        divergence: str,
+        beta: float,
+        reduction: str,
+        ignore_index: int,
+    ) -> torch.Tensor:
+        lead = student.shape[:-1]
+        v = student.shape[-1]
+        s2 = as_rows(student)
+        t2 = as_rows(teacher)
+        n = s2.shape[0]
+        device = student.device
+        y = labels.reshape(-1).to(torch.int64).contiguous() if labels is not None else None
+        if y is not None:
+            n_counted = (y != ignore_index).sum()
+        else:
+            n_counted = torch.full((), n, dtype=torch.int64, device=device)
+        inv_count = 1.0 / n_counted.clamp_min(1).to(torch.float32)
+        compute_grad = ctx.needs_input_grad[0]
+        rows = torch.empty(n, dtype=torch.float32, device=device)
+        grad = torch.empty((n, v), dtype=student.dtype, device=device) if compute_grad else rows
+        if n > 0:
+            block, num_warps = launch_config(v)
+            _kd_fwd_kernel[(n,)](
+                s2,
+                s2.stride(0),
+                t2,
+                t2.stride(0),
+                y if y is not None else rows,
+                rows,
+                grad,
+                grad.stride(0) if compute_grad else 0,
+                inv_count.reshape(1),
+                v,
+                1.0 / temperature,
+                (1.0 - alpha) * temperature * temperature,
+                alpha,
+                beta,
+                math.log(beta),
+                math.log1p(-beta),
+                ignore_index,
+                DIVERGENCE=_DIVERGENCE_CODE[divergence],
+                HAS_LABELS=y is not None,
+                HAS_SOFT=alpha < 1.0,
+                HAS_HARD=alpha > 0.0,
+                T_IS_ONE=temperature == 1.0,
+                COMPUTE_GRAD=compute_grad,
+                SCALE_GRAD=reduction == "batchmean",
+                SINGLE_BLOCK=v <= block,
+                BLOCK=block,
+                num_warps=num_warps,
+            )
+        if reduction == "none":
+            out = rows.reshape(lead)
+        elif reduction == "sum":
+            out = rows.sum()
+        else:
+            out = rows.sum() * inv_count
+        if compute_grad:
+            ctx.save_for_backward(grad)
+            ctx.lead = lead
+            ctx.per_row = reduction == "none"
+            ctx.consumed = False
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor):  # type: ignore[override]
+        if ctx.consumed:
+            raise RuntimeError(
+                "kdbench.kd_loss (triton): backward through the same graph twice is not supported; "
+                "the stored gradient is scaled in place by the first backward"
+            )
+        ctx.consumed = True
+        (grad,) = ctx.saved_tensors
+        n, v = grad.shape
+        go = grad_output.reshape(-1).to(torch.float32).contiguous()
+        if n > 0:
+            block = min(triton.next_power_of_2(v), 4096)
+            _scale_grad_kernel[(n, triton.cdiv(v, block))](
+                grad, grad.stride(0), go, v, PER_ROW=ctx.per_row, BLOCK=block, num_warps=4
+            )
+        return grad.reshape(*ctx.lead, v), None, None, None, None, None, None, None, None
+
+
+@torch.compiler.disable
+def kd_loss_triton(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    temperature: float,
+    alpha: float,
+    divergence: str,
+    beta: float,
+    reduction: str,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Fused kernel path of :func:`kdbench.kd_loss` (arguments already validated).
+
+    Runs outside ``torch.compile`` graphs (a graph break), so a compiled training
+    step calls the same kernels as eager mode.
+    """
+    return _KDLossFunction.apply(
+        student_logits,
+        teacher_logits.detach(),
+        labels,
+        temperature,
+        alpha,
+        divergence,
+        beta,
+        reduction,
+        ignore_index,
+    )
