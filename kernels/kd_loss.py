@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdbench.kernels._utils import as_rows, launch_config
+from kdbench.kernels._utils import as_rows, bf16_round_by_hand, cast_for_store, launch_config
 
 FORWARD, REVERSE, JSD = 0, 1, 2
 _DIVERGENCE_CODE = {"forward": FORWARD, "reverse": REVERSE, "jsd": JSD}
@@ -62,19 +62,23 @@ def _online_update(m, s, x):
 
 @triton.jit
 def _lanes_lse(m, s):
-    """Merge per-lane (m, s) into the row's logsumexp (-inf for an all -inf row)."""
+    """Merge per-lane (m, s) into the row's logsumexp, returned as (shift, log-sum).
+
+    logsumexp = shift + log-sum; keeping the two apart lets callers form
+    log p = (x - shift) - log-sum, exact even for logits of 1e4 (x - shift is exact).
+    """
     m_row = tl.max(m, axis=0)
     m_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
     s_row = tl.sum(s * tl.exp(m - m_safe), axis=0)
-    return m_safe + tl.log(s_row)
+    return m_safe, tl.log(s_row)
 
 
 @triton.jit
 def _block_lse(x):
-    """logsumexp of a whole tile (-inf for an all -inf tile)."""
+    """logsumexp of a whole tile as (shift, log-sum); see _lanes_lse."""
     m = tl.max(x, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    return m_safe + tl.log(tl.sum(tl.exp(x - m_safe), axis=0))
+    return m_safe, tl.log(tl.sum(tl.exp(x - m_safe), axis=0))
 
 
 @triton.jit
@@ -99,16 +103,18 @@ def _log_mixture(log_pt, log_ps, log_beta, log_1m_beta):
 def _row_terms(
     a,  # (BLOCK,) student logits / T, -inf padded
     b,  # (BLOCK,) teacher logits / T, -inf padded
-    lse_a,  # scalar
-    lse_b,  # scalar
+    m_a,  # student shift; logsumexp(a) = m_a + ls_a
+    ls_a,
+    m_b,  # teacher shift; logsumexp(b) = m_b + ls_b
+    ls_b,
     beta,
     log_beta,
     log_1m_beta,
     DIVERGENCE: tl.constexpr,
 ):
     """Per-element (loss term, K term) where K is the row scalar the gradient needs."""
-    log_ps = a - lse_a
-    log_pt = b - lse_b
+    log_ps = (a - m_a) - ls_a
+    log_pt = (b - m_b) - ls_b
     p_s = tl.exp(log_ps)
     p_t = tl.exp(log_pt)
     if DIVERGENCE == 0:
@@ -128,8 +134,10 @@ def _row_terms(
 def _soft_grad(
     a,  # (BLOCK,) student logits / T
     b,  # (BLOCK,) teacher logits / T
-    lse_a,
-    lse_b,
+    m_a,
+    ls_a,
+    m_b,
+    ls_b,
     k_row,  # KL(p_s || p_t) (reverse) or KL(p_s || M) (jsd); unused for forward
     beta,
     log_beta,
@@ -137,8 +145,8 @@ def _soft_grad(
     DIVERGENCE: tl.constexpr,
 ):
     """d divergence / d a (multiply by 1/T for d / d z_s)."""
-    log_ps = a - lse_a
-    log_pt = b - lse_b
+    log_ps = (a - m_a) - ls_a
+    log_pt = (b - m_b) - ls_b
     p_s = tl.exp(log_ps)
     if DIVERGENCE == 0:
         g = p_s - tl.exp(log_pt)
@@ -179,6 +187,7 @@ def _kd_fwd_kernel(
     COMPUTE_GRAD: tl.constexpr,
     SCALE_GRAD: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,  # V <= BLOCK: the row is read once
+    ROUND_BY_HAND: tl.constexpr,  # interpreter only: see bf16_round_by_hand
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -209,25 +218,25 @@ def _kd_fwd_kernel(
         zt = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         a = z * inv_t
         b = zt * inv_t
-        lse_a = _block_lse(a)
-        lse_b = _block_lse(b)
-        lse_1 = lse_a
+        m_a, ls_a = _block_lse(a)
+        m_b, ls_b = _block_lse(b)
+        m_1, ls_1 = m_a, ls_a
         if HAS_HARD and not T_IS_ONE:
-            lse_1 = _block_lse(z)
+            m_1, ls_1 = _block_lse(z)
         loss = 0.0
         g = tl.zeros([BLOCK], tl.float32)
         if HAS_SOFT:
-            terms, k_terms = _row_terms(a, b, lse_a, lse_b, beta, log_beta, log_1m_beta, DIVERGENCE)
+            terms, k_terms = _row_terms(a, b, m_a, ls_a, m_b, ls_b, beta, log_beta, log_1m_beta, DIVERGENCE)
             loss = soft_w * tl.sum(terms, axis=0)
             if COMPUTE_GRAD:
                 k_row = tl.sum(k_terms, axis=0)
-                g = (soft_w * inv_t) * _soft_grad(a, b, lse_a, lse_b, k_row, beta, log_beta, log_1m_beta, DIVERGENCE)
+                g = (soft_w * inv_t) * _soft_grad(a, b, m_a, ls_a, m_b, ls_b, k_row, beta, log_beta, log_1m_beta, DIVERGENCE)
         if HAS_HARD:
             if COMPUTE_GRAD:
-                g += hard_w * (tl.exp(z - lse_1) - tl.where(cols == safe_label, 1.0, 0.0))
+                g += hard_w * (tl.exp((z - m_1) - ls_1) - tl.where(cols == safe_label, 1.0, 0.0))
         if COMPUTE_GRAD:
             g = tl.where(mask, g * gscale, 0.0)
-            tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cols < V)
+            tl.store(g_row + cols, cast_for_store(g, g_ptr.dtype.element_ty, ROUND_BY_HAND), mask=cols < V)
     else:
         # ---- pass 1: per-lane online statistics --------------------------------
         m_a = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -246,11 +255,12 @@ def _kd_fwd_kernel(
                 m_b, s_b = _online_update(m_b, s_b, zt * inv_t)
             if HAS_HARD and not T_IS_ONE:
                 m_1, s_1 = _online_update(m_1, s_1, z)
-        lse_a = _lanes_lse(m_a, s_a)
-        lse_b = _lanes_lse(m_b, s_b)
-        lse_1 = lse_a
+        m_a, ls_a = _lanes_lse(m_a, s_a)
+        m_b, ls_b = _lanes_lse(m_b, s_b)
+        m_1r, ls_1 = m_a, ls_a
         if HAS_HARD and not T_IS_ONE:
-            lse_1 = _lanes_lse(m_1, s_1)
+            m_1r, ls_1 = _lanes_lse(m_1, s_1)
+        m_1 = m_1r
 
         # ---- pass 2: the row scalar K (reverse KL and JSD) ---------------------
         loss_acc = tl.zeros([BLOCK], tl.float32)
@@ -262,7 +272,7 @@ def _kd_fwd_kernel(
                 mask = c < v_eff
                 a = tl.load(s_row + c, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
                 b = tl.load(t_row + c, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-                terms, k_terms = _row_terms(a, b, lse_a, lse_b, beta, log_beta, log_1m_beta, DIVERGENCE)
+                terms, k_terms = _row_terms(a, b, m_a, ls_a, m_b, ls_b, beta, log_beta, log_1m_beta, DIVERGENCE)
                 loss_acc += terms
                 k_acc += k_terms
             k_row = tl.sum(k_acc, axis=0)
@@ -278,20 +288,20 @@ def _kd_fwd_kernel(
                 if HAS_SOFT:
                     b = tl.load(t_row + c, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
                     if DIVERGENCE == 0:
-                        terms, k_terms = _row_terms(a, b, lse_a, lse_b, beta, log_beta, log_1m_beta, DIVERGENCE)
+                        terms, k_terms = _row_terms(a, b, m_a, ls_a, m_b, ls_b, beta, log_beta, log_1m_beta, DIVERGENCE)
                         loss_acc += terms
                     if COMPUTE_GRAD:
-                        g = (soft_w * inv_t) * _soft_grad(a, b, lse_a, lse_b, k_row, beta, log_beta, log_1m_beta, DIVERGENCE)
+                        g = (soft_w * inv_t) * _soft_grad(a, b, m_a, ls_a, m_b, ls_b, k_row, beta, log_beta, log_1m_beta, DIVERGENCE)
                 if COMPUTE_GRAD:
                     if HAS_HARD:
-                        g += hard_w * (tl.exp(z - lse_1) - tl.where(c == safe_label, 1.0, 0.0))
+                        g += hard_w * (tl.exp((z - m_1) - ls_1) - tl.where(c == safe_label, 1.0, 0.0))
                     g = tl.where(mask, g * gscale, 0.0)
-                    tl.store(g_row + c, g.to(g_ptr.dtype.element_ty), mask=c < V)
+                    tl.store(g_row + c, cast_for_store(g, g_ptr.dtype.element_ty, ROUND_BY_HAND), mask=c < V)
         loss = soft_w * tl.sum(loss_acc, axis=0)
 
     if HAS_HARD:
         z_y = tl.load(s_row + safe_label, mask=counted, other=0.0).to(tl.float32)
-        loss += hard_w * (lse_1 - z_y)
+        loss += hard_w * ((m_1 - z_y) + ls_1)
     loss = tl.where(counted, loss, 0.0)
     loss = tl.where(label_ok | (counted == 0), loss, float("nan"))
     tl.store(loss_ptr + row, loss)
@@ -304,6 +314,7 @@ def _scale_grad_kernel(
     go_ptr,  # (1,) or (N,) float32 grad_output
     V,  # number of classes
     PER_ROW: tl.constexpr,  # grad_output has one value per row (reduction="none")
+    ROUND_BY_HAND: tl.constexpr,  # interpreter only: see bf16_round_by_hand
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -318,7 +329,7 @@ def _scale_grad_kernel(
         mask = cols < V
         ptrs = g_ptr + row * g_stride + cols
         g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptrs, (g * go).to(g_ptr.dtype.element_ty), mask=mask)
+        tl.store(ptrs, cast_for_store(g * go, g_ptr.dtype.element_ty, ROUND_BY_HAND), mask=mask)
 
 
 class _KDLossFunction(torch.autograd.Function):
@@ -378,6 +389,7 @@ class _KDLossFunction(torch.autograd.Function):
                 COMPUTE_GRAD=compute_grad,
                 SCALE_GRAD=reduction == "batchmean",
                 SINGLE_BLOCK=v <= block,
+                ROUND_BY_HAND=bf16_round_by_hand(student.dtype),
                 BLOCK=block,
                 num_warps=num_warps,
             )
@@ -408,7 +420,7 @@ class _KDLossFunction(torch.autograd.Function):
         if n > 0:
             block = min(triton.next_power_of_2(v), 4096)
             _scale_grad_kernel[(n, triton.cdiv(v, block))](
-                grad, grad.stride(0), go, v, PER_ROW=ctx.per_row, BLOCK=block, num_warps=4
+                grad, grad.stride(0), go, v, PER_ROW=ctx.per_row, ROUND_BY_HAND=bf16_round_by_hand(grad.dtype), BLOCK=block, num_warps=4
             )
         return grad.reshape(*ctx.lead, v), None, None, None, None, None, None, None, None
 

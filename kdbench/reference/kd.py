@@ -89,7 +89,9 @@ def kd_row_losses(
     if alpha > 0.0:
         assert labels is not None
         safe = torch.where(counted, labels, 0).long()
-        hard = torch.logsumexp(s, dim=-1) - s.gather(-1, safe[:, None]).squeeze(-1)
+        # -log_softmax, not logsumexp - z_y: its backward forms exp(x - max - log-sum),
+        # exact for large logits, where exp(x - lse) loses digits to the rounded lse.
+        hard = -F.log_softmax(s, dim=-1).gather(-1, safe[:, None]).squeeze(-1)
         rows = rows + alpha * hard
     rows = torch.where(counted, rows, 0.0)
     return rows, counted

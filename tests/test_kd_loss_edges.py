@@ -1,0 +1,242 @@
+"""Named edge cases of kd_loss, each on both backends."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import kdbench
+from kd_helpers import BACKENDS, assert_grad_close, assert_loss_close, oracle, run
+
+NEG_INF = float("-inf")
+V_CASES = [37, 5000]  # one tile, streamed
+
+
+def _inputs(n, v, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, v, generator=g), torch.randn(n, v, generator=g) * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("v", V_CASES)
+def test_all_rows_ignored_gives_zero_loss_and_gradient(v, reduction, backend):
+    s, t = _inputs(3, v)
+    s[0, 0] = float("nan")  # garbage in an ignored row must not leak out
+    y = torch.full((3,), -100)
+    loss, grad = run(s, t, y, backend=backend, alpha=0.5, reduction=reduction)
+    assert torch.all(loss == 0)
+    assert torch.all(grad == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v", V_CASES)
+def test_batchmean_counts_only_rows_not_ignored(v, backend):
+    s, t = _inputs(4, v, seed=1)
+    y = torch.tensor([1, -100, 2, -100])
+    loss, _ = run(s, t, y, backend=backend, alpha=0.2)
+    kept, _ = run(s[[0, 2]], t[[0, 2]], y[[0, 2]], backend=backend, alpha=0.2)
+    torch.testing.assert_close(loss, kept, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v", V_CASES)
+def test_custom_ignore_index(v, backend):
+    s, t = _inputs(3, v, seed=2)
+    y = torch.tensor([0, 7, 3])
+    loss, grad = run(s, t, y, backend=backend, alpha=0.5, ignore_index=7)
+    assert torch.all(grad[1] == 0)
+    loss64, _ = oracle(s[[0, 2]], t[[0, 2]], y[[0, 2]], alpha=0.5)
+    assert_loss_close(loss, loss64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("v", V_CASES)
+def test_shared_neg_inf_mask_contributes_exactly_zero(v, divergence, backend):
+    """A vocabulary masked in both models (Liger-Kernel #1453 returned NaN here for JSD)."""
+    s, t = _inputs(3, v, seed=3)
+    masked = torch.zeros(v, dtype=torch.bool)
+    masked[::3] = True
+    s_m, t_m = s.masked_fill(masked, NEG_INF), t.masked_fill(masked, NEG_INF)
+    kw = dict(temperature=2.0, divergence=divergence)
+    loss, grad = run(s_m, t_m, backend=backend, **kw)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert torch.all(grad[:, masked] == 0)
+    # Dropping the masked columns altogether must give the same numbers.
+    loss64, grad64 = oracle(s[:, ~masked], t[:, ~masked], **kw)
+    assert_loss_close(loss, loss64)
+    assert_grad_close(grad[:, ~masked].contiguous(), grad64, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v", V_CASES)
+def test_jsd_one_sided_mask_is_finite(v, backend):
+    s, t = _inputs(2, v, seed=4)
+    t[:, :5] = NEG_INF  # teacher gives zero mass, student does not: JSD stays finite
+    loss, grad = run(s, t, backend=backend, divergence="jsd", beta=0.3)
+    loss64, grad64 = oracle(s, t, divergence="jsd", beta=0.3)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert_loss_close(loss, loss64)
+    assert_grad_close(grad, grad64, torch.float32)
+
+
+# (divergence, which model puts zero mass on a class the other does not): the
+# mathematics says +inf, and so must the loss.
+INFINITE_CASES = {
+    "reverse_kl_teacher_zero_student_positive": ("reverse", "teacher"),
+    "forward_kl_student_zero_teacher_positive": ("forward", "student"),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v", V_CASES)
+@pytest.mark.parametrize("case", sorted(INFINITE_CASES))
+def test_zero_against_positive_mass_is_inf(case, v, backend):
+    divergence, zeroed = INFINITE_CASES[case]
+    s, t = _inputs(2, v, seed=5)
+    (t if zeroed == "teacher" else s)[0, 3] = NEG_INF
+    loss, _ = run(s, t, backend=backend, divergence=divergence, reduction="none")
+    assert loss[0] == math.inf
+    assert torch.isfinite(loss[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("v", V_CASES)
+def test_logits_of_magnitude_1e4(v, divergence, backend):
+    g = torch.Generator().manual_seed(7)
+    s = (torch.rand(3, v, generator=g) * 2 - 1) * 1e4
+    t = (torch.rand(3, v, generator=g) * 2 - 1) * 1e4
+    t[:, 1] = 1e4  # the teacher is sure of one class; the student is not
+    y = torch.tensor([1, 2, 3])
+    kw = dict(temperature=4.0, alpha=0.5, divergence=divergence)
+    loss, grad = run(s, t, y, backend=backend, **kw)
+    loss64, grad64 = oracle(s, t, y, **kw)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert_loss_close(loss, loss64)
+    assert_grad_close(grad, grad64, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v", V_CASES)
+def test_identical_distributions_give_zero_loss(v, backend):
+    s, _ = _inputs(3, v, seed=8)
+    for divergence in ("forward", "reverse", "jsd"):
+        loss, grad = run(s, s + 3.0, backend=backend, divergence=divergence, temperature=2.0)
+        assert abs(loss.item()) < 1e-5
+        assert grad.abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v", V_CASES)
+def test_non_contiguous_inputs(v, backend):
+    g = torch.Generator().manual_seed(9)
+    base_s = torch.randn(4, 3, 2 * v, generator=g)
+    base_t = torch.randn(3, 4, v, generator=g)
+    s = base_s[..., ::2].transpose(0, 1)  # strided last dim and leading dims
+    t = base_t  # (3, 4, v) contiguous
+    t_nc = torch.randn(4, 3, v, generator=g).transpose(0, 1)
+    y = torch.randint(0, v, (3, 4), generator=g).t().contiguous().t()
+    for teacher in (t, t_nc):
+        loss, grad = run(s, teacher, y, backend=backend, alpha=0.3, temperature=2.0)
+        loss_c, grad_c = run(s.contiguous(), teacher.contiguous(), y.contiguous(), backend=backend, alpha=0.3, temperature=2.0)
+        torch.testing.assert_close(loss, loss_c, rtol=0, atol=0)
+        torch.testing.assert_close(grad, grad_c, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_teacher_receives_no_gradient(backend):
+    s, t = _inputs(2, 40)
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    kdbench.kd_loss(s, t, backend=backend, temperature=2.0).backward()
+    assert t.grad is None
+    assert s.grad is not None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_inputs_give_float32_loss_and_own_dtype_gradient(dtype, backend):
+    s, t = _inputs(2, 40)
+    loss, grad = run(s.to(dtype), t.to(dtype), backend=backend)
+    assert loss.dtype == torch.float32
+    assert grad.dtype == dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_student_teacher_dtypes(backend):
+    s, t = _inputs(3, 300, seed=10)
+    loss, grad = run(s.to(torch.bfloat16), t, backend=backend, temperature=2.0)
+    loss64, grad64 = oracle(s.to(torch.bfloat16), t, temperature=2.0)
+    assert_loss_close(loss, loss64)
+    assert_grad_close(grad, grad64, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int32_labels_accepted(backend):
+    s, t = _inputs(3, 20)
+    y = torch.tensor([1, 2, -100], dtype=torch.int32)
+    a, _ = run(s, t, y, backend=backend, alpha=0.5)
+    b, _ = run(s, t, y.long(), backend=backend, alpha=0.5)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_forward_matches(backend):
+    s, t = _inputs(3, 5000, seed=11)
+    with torch.no_grad():
+        plain = kdbench.kd_loss(s, t, backend=backend, divergence="reverse")
+    loss, _ = run(s, t, backend=backend, divergence="reverse")
+    torch.testing.assert_close(plain, loss, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
+    s, t = torch.zeros(0, 10), torch.zeros(0, 10)
+    for reduction in ("batchmean", "sum"):
+        loss, grad = run(s, t, backend=backend, reduction=reduction)
+        assert loss.item() == 0 and grad.shape == (0, 10)
+
+
+def test_triton_double_backward_raises_instead_of_a_wrong_gradient():
+    s, t = _inputs(2, 30)
+    s.requires_grad_(True)
+    loss = kdbench.kd_loss(s, t, backend="triton")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        loss.backward()
+
+
+def test_triton_gradient_accumulates_across_calls():
+    s, t = _inputs(2, 30)
+    s.requires_grad_(True)
+    kdbench.kd_loss(s, t, backend="triton", temperature=2.0).backward()
+    first = s.grad.clone()
+    kdbench.kd_loss(s, t, backend="triton", temperature=2.0).backward()
+    torch.testing.assert_close(s.grad, 2 * first)
+
+
+def test_auto_backend_uses_reference_on_cpu(monkeypatch):
+    import kdbench.reference as ref
+
+    calls = []
+    original = ref.kd_loss
+    monkeypatch.setattr(ref, "kd_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
+    s, t = _inputs(2, 10)
+    kdbench.kd_loss(s, t)
+    assert calls == [1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU with > 20 GB free (N*V > 2**31)")
+def test_cuda_rows_beyond_int32_offsets():
+    n, v = 16400, 131072  # n * v = 2.15e9 > 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+    s = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, generator=g)
+    t = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, generator=g)
+    rows = kdbench.kd_loss(s, t, backend="triton", reduction="none")
+    last = slice(n - 2, n)
+    ref = kdbench.kd_loss(s[last].float(), t[last].float(), backend="torch", reduction="none")
+    torch.testing.assert_close(rows[last], ref, rtol=1e-4, atol=1e-5)
