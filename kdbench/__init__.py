@@ -3,8 +3,18 @@
 Importing kdbench imports neither triton nor CUDA: kernels load on first use.
 """
 
+from kdbench import metrics
+from kdbench.calibration import CalibrationStats, calibration_stats, fit_temperature
 from kdbench.loss import KDLoss, kd_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["KDLoss", "kd_loss", "__version__"]
+__all__ = [
+    "CalibrationStats",
+    "KDLoss",
+    "calibration_stats",
+    "fit_temperature",
+    "kd_loss",
+    "metrics",
+    "__version__",
+]

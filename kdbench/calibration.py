@@ -1,0 +1,519 @@
+"""Calibration statistics in one pass over the logits, and temperature scaling.
+
+Definitions (N counted rows of C classes, M bins, temperature T > 0):
+
+* p = softmax(z / T) with z / T evaluated in float32 (float64 logits: float64).
+* confidence = max_k p_k; prediction = argmax_k z_k, the lowest index among ties (as
+  ``torch.argmax``); correct = 1[prediction == label].
+* Bins are equal-width, [m/M, (m+1)/M) for m = 0..M-1, and a confidence of exactly
+  1.0 goes to the last bin (as netcal and Google's robustness_metrics do).  The bin is
+  ``min(floor(conf * M), M - 1)`` computed in float32 from the float32 confidence, by
+  both backends, so they agree on every row whose confidence they agree on.
+  torchmetrics instead bucketizes against ``linspace(0, 1, M + 1)`` and puts a
+  confidence of exactly 1.0 into a hidden (M+1)-th bin (its open issue #3510): its ECE
+  differs from this one whenever some confidence is exactly 1.0, and can differ for a
+  confidence within one rounding of an edge.
+* With n_m samples in bin m, acc_m and conf_m their mean correctness and confidence:
+  ECE = sum_m (n_m / N) |acc_m - conf_m|;  RMS = sqrt(sum_m (n_m / N) (acc_m - conf_m)^2);
+  MCE = max over non-empty bins of |acc_m - conf_m|.
+* NLL = mean of -log p_y;  Brier = mean of sum_k (p_k - 1[y = k])^2.
+* Rows whose label equals ``ignore_index`` are left out everywhere.
+
+The statistics are sums, float64, of fixed size (3 M + 3 numbers): they add across
+batches, epochs and ranks, and the metrics are computed from the sums at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, fields
+from typing import NamedTuple
+
+import torch
+
+from kdbench import _checks
+from kdbench.reference import calibration as ref
+
+NORMS = ("l1", "l2", "max")
+
+
+def check_n_bins(n_bins: object) -> int:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, int):
+        raise TypeError(f"n_bins: expected an int >= 1, got {type(n_bins).__name__}")
+    if n_bins < 1:
+        raise ValueError(f"n_bins: expected an int >= 1, got {n_bins}")
+    return n_bins
+
+
+def binned_calibration_error(
+    count: torch.Tensor,
+    conf_sum: torch.Tensor,
+    correct_sum: torch.Tensor,
+    norm: str = "l1",
+) -> float:
+    """ECE ("l1"), RMS calibration error ("l2") or MCE ("max") from per-bin sums.
+
+    Args:
+        count, conf_sum, correct_sum: (M,) float64 per-bin sample count, confidence
+            sum and number correct.
+    Raises:
+        ValueError: "no samples" when every bin is empty.
+    """
+    _checks.check_choice("norm", norm, NORMS)
+    n = count.sum()
+    if not bool(n > 0):
+        raise ValueError("no samples: the statistics count 0 samples, so calibration error is undefined")
+    full = count > 0
+    safe = torch.where(full, count, 1.0)
+    gap = torch.where(full, (correct_sum - conf_sum) / safe, 0.0)
+    weight = count / n
+    if norm == "l1":
+        return float((weight * gap.abs()).sum())
+    if norm == "l2":
+        return float((weight * gap.square()).sum().sqrt())
+    return float(gap.abs().max())
+
+
+class Reliability(NamedTuple):
+    """Per-bin reliability data, float64 CPU tensors of shape (M,), ready to plot.
+
+    ``confidence`` and ``accuracy`` are the bin means, NaN for empty bins (plotting
+    libraries skip NaN); ``lower``/``upper`` are the bin edges.
+    """
+
+    lower: torch.Tensor
+    upper: torch.Tensor
+    confidence: torch.Tensor
+    accuracy: torch.Tensor
+    count: torch.Tensor
+
+
+@dataclass(frozen=True, eq=False)
+class CalibrationStats:
+    """Sufficient statistics of calibration: float64 sums that add across batches and ranks.
+
+    Attributes:
+        count: (M,) samples per confidence bin.
+        conf_sum: (M,) sum of the confidences in each bin.
+        correct_sum: (M,) number of correct predictions in each bin.
+        nll_sum: () sum of -log p_y.
+        brier_sum: () sum of sum_k (p_k - 1[y = k])^2.
+        n: () number of counted samples (= count.sum()).
+
+    All are float64 tensors on one device.  The metric methods return Python floats
+    and raise ``ValueError("no samples ...")`` when ``n == 0``, and ``ValueError`` if
+    the sums hold NaN (NaN logits on CUDA, which are not checked on the host).
+    """
+
+    count: torch.Tensor
+    conf_sum: torch.Tensor
+    correct_sum: torch.Tensor
+    nll_sum: torch.Tensor
+    brier_sum: torch.Tensor
+    n: torch.Tensor
+
+    def __post_init__(self) -> None:
+        m = None
+        device = self.count.device if isinstance(self.count, torch.Tensor) else None
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, torch.Tensor) or v.dtype != torch.float64:
+                raise TypeError(f"{f.name}: expected a float64 tensor, got {getattr(v, 'dtype', type(v).__name__)}")
+            if v.device != device:
+                raise ValueError(f"{f.name}: expected device {device} (that of count), got {v.device}")
+            per_bin = f.name in ("count", "conf_sum", "correct_sum")
+            if per_bin:
+                m = v.shape[0] if m is None else m
+                if v.dim() != 1 or v.shape[0] != m or m < 1:
+                    raise ValueError(f"{f.name}: expected shape ({m},) like count, got {tuple(v.shape)}")
+            elif v.dim() != 0:
+                raise ValueError(f"{f.name}: expected a 0-dim tensor, got shape {tuple(v.shape)}")
+
+    # ---- construction ------------------------------------------------------------
+    @classmethod
+    def zeros(cls, n_bins: int = 15, device: torch.device | str | None = None) -> CalibrationStats:
+        """Statistics of no samples: the start of an accumulation (``total = total + batch``)."""
+        check_n_bins(n_bins)
+        z = torch.zeros(n_bins, dtype=torch.float64, device=device)
+        s = torch.zeros((), dtype=torch.float64, device=device)
+        return cls(z, z.clone(), z.clone(), s, s.clone(), s.clone())
+
+    @property
+    def n_bins(self) -> int:
+        return int(self.count.shape[0])
+
+    def _flat(self) -> torch.Tensor:
+        return torch.cat([getattr(self, f.name).reshape(-1) for f in fields(self)])
+
+    def _from_flat(self, flat: torch.Tensor) -> CalibrationStats:
+        m = self.n_bins
+        return CalibrationStats(
+            flat[:m], flat[m : 2 * m], flat[2 * m : 3 * m], flat[3 * m], flat[3 * m + 1], flat[3 * m + 2]
+        )
+
+    def to(self, device: torch.device | str) -> CalibrationStats:
+        return self._from_flat(self._flat().to(device))
+
+    def to_dict(self) -> dict[str, list[float] | float]:
+        """Plain Python numbers (JSON-ready); ``from_dict`` inverts it exactly."""
+        return {
+            f.name: (getattr(self, f.name).tolist() if f.name in ("count", "conf_sum", "correct_sum")
+                     else float(getattr(self, f.name)))
+            for f in fields(self)
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, list[float] | float]) -> CalibrationStats:
+        try:
+            return cls(**{f.name: torch.tensor(d[f.name], dtype=torch.float64) for f in fields(cls)})
+        except KeyError as e:
+            raise ValueError(f"d: missing field {e.args[0]!r}") from None
+
+    # ---- merging -----------------------------------------------------------------
+    def __add__(self, other: object) -> CalibrationStats:
+        if not isinstance(other, CalibrationStats):
+            return NotImplemented
+        if other.n_bins != self.n_bins:
+            raise ValueError(f"other: expected statistics with {self.n_bins} bins, got {other.n_bins}")
+        if other.count.device != self.count.device:
+            raise ValueError(f"other: expected device {self.count.device}, got {other.count.device}")
+        return self._from_flat(self._flat() + other._flat())
+
+    def __radd__(self, other: object) -> CalibrationStats:
+        # sum(list_of_stats) starts from the integer 0.
+        if isinstance(other, int) and not isinstance(other, bool) and other == 0:
+            return self
+        return NotImplemented
+
+    def all_reduce(self, group: object = None) -> CalibrationStats:
+        """The statistics summed over the ranks of ``group`` (default: the world).
+
+        One ``all_reduce`` of 3 M + 3 float64 numbers: memory and traffic are constant
+        in the number of samples.  Every rank must call it.  Returns new statistics;
+        ``self`` is unchanged.
+
+        Raises:
+            RuntimeError: torch.distributed is not available or not initialized.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "all_reduce: torch.distributed is not initialized; call init_process_group first "
+                "(a single process needs no all_reduce)"
+            )
+        flat = self._flat().clone()
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        return self._from_flat(flat)
+
+    # ---- metrics -----------------------------------------------------------------
+    def _require_samples(self) -> float:
+        n = float(self.n)
+        if math.isnan(float(self.nll_sum)) or bool(torch.isnan(self.conf_sum).any()):
+            raise ValueError(
+                "stats: the sums are NaN: some counted row of logits held NaN or +inf "
+                "(not checked on the host for CUDA tensors, to avoid a sync)"
+            )
+        if not n > 0:
+            raise ValueError("no samples: the statistics count 0 samples")
+        return n
+
+    def ece(self, norm: str = "l1") -> float:
+        """"l1": ECE; "l2": RMS calibration error; "max": MCE over non-empty bins."""
+        _checks.check_choice("norm", norm, NORMS)
+        self._require_samples()
+        return binned_calibration_error(self.count, self.conf_sum, self.correct_sum, norm)
+
+    def accuracy(self) -> float:
+        """Fraction of counted samples whose prediction equals the label."""
+        return float(self.correct_sum.sum()) / self._require_samples()
+
+    def nll(self) -> float:
+        """Mean negative log-likelihood -log p_y (nats)."""
+        return float(self.nll_sum) / self._require_samples()
+
+    def brier(self) -> float:
+        """Mean multi-class Brier score sum_k (p_k - 1[y = k])^2, in [0, 2]."""
+        return float(self.brier_sum) / self._require_samples()
+
+    def reliability(self) -> Reliability:
+        """Per-bin mean confidence, accuracy and count (NaN means for empty bins)."""
+        self._require_samples()
+        count = self.count.cpu()
+        m = self.n_bins
+        edges = torch.arange(m + 1, dtype=torch.float64) / m
+        full = count > 0
+        safe = torch.where(full, count, 1.0)
+        nan = torch.tensor(float("nan"), dtype=torch.float64)
+        return Reliability(
+            lower=edges[:-1],
+            upper=edges[1:],
+            confidence=torch.where(full, self.conf_sum.cpu() / safe, nan),
+            accuracy=torch.where(full, self.correct_sum.cpu() / safe, nan),
+            count=count,
+        )
+
+
+# ---- entry points -------------------------------------------------------------------
+
+
+def _check_inputs(
+    logits: object,
+    labels: object,
+    temperature: object,
+    ignore_index: object,
+    backend: object,
+) -> tuple[torch.Tensor, torch.Tensor, float, int, str]:
+    _checks.check_logits("logits", logits)
+    assert isinstance(logits, torch.Tensor)
+    if logits.dim() < 2:
+        raise ValueError(
+            f"logits: expected shape (..., C) with at least 2 dims (samples, classes), got shape {tuple(logits.shape)}"
+        )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    c = logits.shape[-1]
+    _checks.check_labels(labels, logits.shape[:-1], c, ignore_index)
+    assert isinstance(labels, torch.Tensor)
+    if labels.device != logits.device:
+        raise ValueError(f"labels: expected device {logits.device} (that of logits), got {labels.device}")
+    t = _checks.check_temperature(temperature)
+    b = _checks.check_backend(backend)
+    return logits.reshape(-1, c), labels.reshape(-1), t, ignore_index, b
+
+
+def _raise_on_bad_rows(rows: ref.CalibrationRows, device: torch.device) -> None:
+    """On CPU, name the counted rows whose statistics are undefined (one cheap O(N) pass)."""
+    if device.type != "cpu":
+        return
+    bad = rows.counted & torch.isnan(rows.conf)
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten()
+        shown = ", ".join(str(i) for i in idx[:10].tolist())
+        more = f" and {idx.numel() - 10} more" if idx.numel() > 10 else ""
+        raise ValueError(
+            f"logits: rows [{shown}]{more} (flattened leading dims) hold NaN or +inf, are all -inf, "
+            "or overflow when divided by the temperature"
+        )
+
+
+def _run(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    n_bins: int,
+    temperature: float,
+    ignore_index: int,
+    backend: str,
+) -> tuple[ref.CalibrationRows, dict[str, torch.Tensor]]:
+    if _checks.resolve_backend(backend, logits) == "triton":
+        from kdbench.kernels.calibration import MAX_BINS, calibration_sums_triton
+
+        if n_bins > MAX_BINS and backend == "triton":
+            raise ValueError(f"n_bins: the triton backend takes n_bins <= {MAX_BINS}, got {n_bins}; use backend='torch'")
+        if n_bins <= MAX_BINS:  # "auto" falls back to the reference for more bins
+            out = calibration_sums_triton(
+                logits, labels, n_bins=n_bins, temperature=temperature, ignore_index=ignore_index
+            )
+            _raise_on_bad_rows(out[0], logits.device)
+            return out
+    out = ref.calibration_sums(logits, labels, n_bins=n_bins, temperature=temperature, ignore_index=ignore_index)
+    _raise_on_bad_rows(out[0], logits.device)
+    return out
+
+
+def calibration_stats(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    n_bins: int = 15,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> CalibrationStats:
+    """Calibration sufficient statistics of a batch of logits, in one pass.
+
+    Args:
+        logits: (..., C) float32/float16/bfloat16 (float64 on the torch backend), C >= 1.
+        labels: (...) integer class indices in [0, C), or ``ignore_index`` to leave a row out.
+        n_bins: M >= 1 equal-width confidence bins.
+        temperature: T > 0; the statistics are those of softmax(logits / T).
+        ignore_index: label value marking a row as left out (it is not read).
+        backend: "triton" (the fused kernel; n_bins <= 1024), "torch" (the reference),
+            or "auto" (triton for CUDA tensors of a kernel dtype, torch otherwise).
+
+    Returns:
+        :class:`CalibrationStats` on the logits' device (no host sync on CUDA).
+        Add the results of several batches, or ``all_reduce`` them across ranks,
+        then read ``ece()``, ``accuracy()``, ``nll()``, ``brier()``, ``reliability()``.
+
+    Raises:
+        ValueError / TypeError naming the argument for bad input.  NaN / +inf logits
+        in a counted row raise ``ValueError`` naming the rows on CPU; on CUDA they
+        make the sums NaN, and the metric methods raise.
+    """
+    check_n_bins(n_bins)
+    z, y, t, ii, b = _check_inputs(logits, labels, temperature, ignore_index, backend)
+    _, sums = _run(z, y, n_bins=n_bins, temperature=t, ignore_index=ii, backend=b)
+    return CalibrationStats(**sums)
+
+
+def calibration_rows(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    backend: str = "auto",
+) -> ref.CalibrationRows:
+    """Per-row confidence, prediction, NLL and Brier (the inputs of AURC, adaptive ECE ...).
+
+    Same arguments and definitions as :func:`calibration_stats`.  Every field is shaped
+    like ``labels``: ``conf``/``nll``/``brier`` float32 (float64 for float64 logits),
+    ``pred`` int64, ``counted`` bool; ignored rows hold 0 and pred = -1.
+    """
+    z, y, t, ii, b = _check_inputs(logits, labels, temperature, ignore_index, backend)
+    rows, _ = _run(z, y, n_bins=1, temperature=t, ignore_index=ii, backend=b)
+    shape = labels.shape
+    return ref.CalibrationRows(*(f.reshape(shape) for f in rows))
+
+
+# ---- temperature scaling --------------------------------------------------------------
+
+
+def _temperature_moments(z: torch.Tensor, y: torch.Tensor, beta: float) -> tuple[float, float]:
+    """d/dbeta and d^2/dbeta^2 of the mean NLL of softmax(beta z), in float64.
+
+    With p = softmax(beta z): dNLL/dbeta = mean(E_p[z] - z_y), d2NLL/dbeta2 = mean(Var_p[z]).
+    ``z`` holds row-centred finite logits with -inf kept (p = 0 there).
+    """
+    n, c = z.shape
+    chunk = max(1, (1 << 22) // c)
+    g = 0.0
+    h = 0.0
+    for s in range(0, n, chunk):
+        zc = z[s : s + chunk]
+        p = torch.softmax(beta * zc, dim=-1)
+        finite = torch.where(torch.isfinite(zc), zc, 0.0)
+        mean = (p * finite).sum(-1)
+        var = (p * (finite - mean[:, None]).square()).sum(-1)
+        zy = finite.gather(-1, y[s : s + chunk, None]).squeeze(-1)
+        g += float((mean - zy).sum())
+        h += float(var.sum())
+    return g / n, h / n
+
+
+def fit_temperature(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    bounds: tuple[float, float] = (1e-2, 1e2),
+    rtol: float = 1e-10,
+    max_iter: int = 100,
+) -> float:
+    """The temperature T > 0 that minimises the mean NLL of softmax(logits / T).
+
+    Fit it on a held-out split (never on test), then pass it to
+    ``calibration_stats(..., temperature=T)``.
+
+    The mean NLL is convex in beta = 1 / T (its second derivative is the mean variance of
+    the logits under p), so a safeguarded Newton iteration on beta, in float64, inside a
+    bracket that always contains the minimiser, converges to |d beta| <= rtol * beta.
+    At the optimum the mean expected logit under p equals the mean true-class logit.
+    Unlike LBFGS on T from T = 1.5, it cannot diverge or return T <= 0.
+
+    Degenerate cases, each with a ``RuntimeWarning``:
+
+    * the NLL still decreases at T = bounds[0] (e.g. every counted row's label is the
+      strict argmax: the infimum is T -> 0): returns bounds[0];
+    * the NLL still decreases at T = bounds[1] (the true-class logit is on average below
+      the softmax-mean logit: the infimum is T -> infinity): returns bounds[1];
+    * every row's logits are equal (the NLL is log C for every T): returns 1.0.
+
+    Args:
+        logits: (..., C) floating logits; -inf entries are allowed except at the label.
+        labels: (...) class indices, or ``ignore_index`` to leave a row out.
+        bounds: (T_min, T_max), 0 < T_min < T_max < inf.
+        rtol: relative tolerance on beta.
+        max_iter: Newton/bisection steps at most.
+
+    Returns:
+        T as a Python float in [T_min, T_max].
+    """
+    z, y, _, ii, _ = _check_inputs(logits, labels, 1.0, ignore_index, "torch")
+    if (
+        not isinstance(bounds, tuple)
+        or len(bounds) != 2
+        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in bounds)
+        or not (0.0 < bounds[0] < bounds[1] < math.inf)
+    ):
+        raise ValueError(f"bounds: expected (T_min, T_max) with 0 < T_min < T_max < inf, got {bounds!r}")
+    if not (isinstance(rtol, float) and 0.0 < rtol < 1.0):
+        raise ValueError(f"rtol: expected a float in (0, 1), got {rtol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter: expected an int >= 1, got {max_iter!r}")
+
+    keep = y != ii
+    z = z[keep].to(torch.float64)
+    y = y[keep].long()
+    if z.shape[0] == 0:
+        raise ValueError("labels: no counted rows (every label is ignore_index); cannot fit a temperature")
+    bad = torch.isnan(z).any(-1) | torch.isposinf(z).any(-1)
+    if bool(bad.any()):
+        rows = keep.nonzero().flatten()[bad][:10].tolist()
+        raise ValueError(f"logits: rows {rows} (flattened leading dims) hold NaN or +inf")
+    zy = z.gather(-1, y[:, None]).squeeze(-1)
+    if bool(torch.isneginf(zy).any()):
+        rows = keep.nonzero().flatten()[torch.isneginf(zy)][:10].tolist()
+        raise ValueError(f"logits: rows {rows} have a -inf logit at the label: the NLL is infinite for every T")
+    z = z - z.max(dim=-1, keepdim=True).values  # shift-invariant; keeps beta * z <= 0
+
+    t_min, t_max = float(bounds[0]), float(bounds[1])
+    lo, hi = 1.0 / t_max, 1.0 / t_min
+    g_lo, h_lo = _temperature_moments(z, y, lo)
+    g_hi, h_hi = _temperature_moments(z, y, hi)
+    if h_lo == 0.0 and h_hi == 0.0:
+        warnings.warn(
+            "fit_temperature: every row's logits are equal, so the NLL (log C) does not depend on T; returning 1.0",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return 1.0
+    if g_lo >= 0.0:
+        warnings.warn(
+            f"fit_temperature: the NLL still decreases at T = {t_max} (the true-class logit is on average below "
+            f"the softmax-mean logit: the infimum is at T -> inf); returning T_max = {t_max}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return t_max
+    if g_hi <= 0.0:
+        warnings.warn(
+            f"fit_temperature: the NLL still decreases at T = {t_min} (e.g. every label is the strict argmax: "
+            f"the infimum is at T -> 0); returning T_min = {t_min}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return t_min
+
+    # g(lo) < 0 < g(hi): the minimiser is inside [lo, hi] and g is increasing.
+    beta = min(max(1.0, lo), hi)
+    for _ in range(max_iter):
+        g, h = _temperature_moments(z, y, beta)
+        if g == 0.0:
+            break
+        if g < 0.0:
+            lo = beta
+        else:
+            hi = beta
+        step = g / h if h > 0.0 else math.inf
+        nxt = beta - step
+        if not lo < nxt < hi:
+            nxt = 0.5 * (lo + hi)
+        done = abs(nxt - beta) <= rtol * beta or hi - lo <= rtol * beta
+        beta = nxt
+        if done:
+            break
+    return 1.0 / beta

@@ -1,0 +1,393 @@
+"""calibration_stats / CalibrationStats: definitions, hand-worked cases, edges, merging, bad input.
+
+Backend "torch" throughout; tests/test_calibration_kernel.py holds triton versus torch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from calibration_helpers import assert_counts_match, make_logits, near_edge, oracle
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchmetrics.functional.classification import binary_calibration_error
+
+import kdbench
+from kdbench import CalibrationStats, calibration_stats
+
+SHAPES = [(1, 2), (7, 3), (64, 10), (200, 37), (3, 4, 5)]
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+# Tolerances of the per-sample means against the float64 oracle, by compute dtype:
+# float32 arithmetic on (up-cast) logits, float64 sums.
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-6, torch.bfloat16: 2e-6}
+N_BINS = [1, 2, 15, 100]
+
+
+def _stats(z: torch.Tensor, y: torch.Tensor, **kw) -> CalibrationStats:
+    return calibration_stats(z, y, backend="torch", **kw)
+
+
+# ---- against the float64 oracle and torchmetrics ----------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_means_match_the_float64_oracle(shape, dtype):
+    n, c = math.prod(shape[:-1]), shape[-1]
+    z, y = make_logits(n, c, dtype=dtype, seed=n + c)
+    z, y = z.reshape(shape), y.reshape(shape[:-1])
+    s = _stats(z, y)
+    conf, correct, nll, brier = oracle(z.reshape(-1, c), y.reshape(-1))
+    tol = TOL[dtype]
+    assert float(s.n) == n
+    assert s.accuracy() == pytest.approx(float(correct.mean()), abs=1e-12)
+    assert s.nll() == pytest.approx(float(nll.mean()), rel=tol, abs=tol)
+    assert s.brier() == pytest.approx(float(brier.mean()), rel=tol, abs=tol)
+    assert float(s.conf_sum.sum()) == pytest.approx(float(conf.sum()), rel=tol)
+
+
+@pytest.mark.parametrize("n_bins", N_BINS)
+@pytest.mark.parametrize("norm", ["l1", "l2", "max"])
+def test_ece_matches_torchmetrics_on_float64(n_bins, norm):
+    z, y = make_logits(500, 10, dtype=torch.float64, seed=n_bins)
+    conf, correct, _, _ = oracle(z, y)
+    assert not bool((conf == 1.0).any())  # torchmetrics bins 1.0 differently (#3510)
+    expected = binary_calibration_error(conf, correct.long(), n_bins=n_bins, norm=norm)
+    assert _stats(z, y, n_bins=n_bins).ece(norm) == pytest.approx(float(expected), abs=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bin_counts_match_the_oracle_except_at_edges(dtype):
+    z, y = make_logits(400, 12, dtype=dtype, seed=3)
+    conf, _, _, _ = oracle(z, y)
+    s = _stats(z, y, n_bins=15)
+    expected = torch.bincount(torch.floor(conf * 15).clamp(max=14).long(), minlength=15)
+    assert_counts_match(s.count, expected, int(near_edge(conf, 15, 1e-6).sum()))
+
+
+# ---- hand-worked cases from other libraries' documentation and tests --------------------
+
+
+def test_torchmetrics_multiclass_docstring_example():
+    # torchmetrics MulticlassCalibrationError docstring: these probabilities, n_bins=3,
+    # give l1 0.2000, l2 0.2082, max 0.2333.  Logits log(p) reproduce p exactly in softmax.
+    probs = torch.tensor(
+        [[0.25, 0.20, 0.55], [0.55, 0.05, 0.40], [0.10, 0.30, 0.60], [0.90, 0.05, 0.05]], dtype=torch.float64
+    )
+    s = _stats(probs.log(), torch.tensor([0, 1, 2, 0]), n_bins=3)
+    assert s.ece("l1") == pytest.approx(0.2, abs=5e-5)
+    assert s.ece("l2") == pytest.approx(0.2082, abs=5e-5)
+    assert s.ece("max") == pytest.approx(0.2333, abs=5e-5)
+    # By hand: bin [1/3, 2/3) holds 0.55, 0.55, 0.60 with one correct; bin [2/3, 1] holds 0.9, correct.
+    assert s.ece() == pytest.approx(0.75 * abs(1 / 3 - 1.7 / 3) + 0.25 * 0.1, abs=1e-12)
+
+
+def test_verified_calibration_missing_classes_ece():
+    # p-lambda/verified_calibration calibration/util_test.py::test_missing_classes_ece:
+    # get_ece([[0.9, 0.1], [0.8, 0.2]], [0, 0]) == 0.15 (15 equal-width bins, top label).
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2]], dtype=torch.float64)
+    assert _stats(probs.log(), torch.tensor([0, 0])).ece() == pytest.approx(0.15, abs=1e-12)
+
+
+@pytest.mark.parametrize("norm,p", [("l1", 1), ("l2", 2)])
+def test_verified_calibration_two_label_top_ce(norm, p):
+    # verified_calibration util_test.py::test_get_two_label_ce: rows [0.5, 0.5] / [0.4, 0.6]
+    # with these labels have top-label CE (4/9 * 0.25^p + 5/9 * 0.2^p)^(1/p).  The tie
+    # [0.5, 0.5] predicts class 0 (lowest index), as there.
+    pt5, pt6 = [0.5, 0.5], [0.4, 0.6]
+    probs = torch.tensor([pt5, pt5, pt5, pt6, pt5, pt6, pt6, pt6, pt6], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 1, 0, 1, 1, 1, 0])
+    expected = (4 / 9 * 0.25**p + 5 / 9 * 0.2**p) ** (1 / p)
+    assert _stats(probs.log(), labels).ece(norm) == pytest.approx(expected, abs=1e-12)
+
+
+def test_verified_calibration_three_label_top_ce():
+    # verified_calibration util_test.py::test_get_three_label_ce, top-label, p = 1.
+    l0, l1, l2 = [0.6, 0.3, 0.1], [0.1, 0.8, 0.1], [0.1, 0.0, 0.9]
+    probs = torch.tensor([l0] * 6 + [l1] * 4 + [l2] * 4, dtype=torch.float64)
+    labels = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2])
+    expected = 6 / 14 * (5 / 6 - 0.6) + 4 / 14 * 0.05 + 4 / 14 * 0.1
+    assert _stats(probs.log(), labels).ece() == pytest.approx(expected, abs=1e-12)
+
+
+def test_netcal_rule_for_confidence_one_differs_from_torchmetrics():
+    # netcal (netcal/metrics/Miscalibration.py) clips confidences to [eps, 1 - eps] before
+    # binning, so 1.0 is counted in the last bin, as here.  Worked by hand with M = 10:
+    # bin 9 = {1.0, 1.0, 0.95}, 2 of 3 correct: |2/3 - 2.95/3| * 3/4 = 0.2375;
+    # bin 6 = {0.65}, correct: 0.35 * 1/4 = 0.0875; ECE = 0.325.  torchmetrics puts the two
+    # 1.0s in a hidden 11th bin (its issue #3510): 2/4 * 0.5 + 1/4 * 0.05 + 0.0875 = 0.35.
+    conf = torch.tensor([1.0, 1.0, 0.95, 0.65], dtype=torch.float64)
+    correct = torch.tensor([1, 0, 1, 1])
+    assert kdbench.metrics.ece(conf, correct, n_bins=10) == pytest.approx(0.325, abs=1e-12)
+    assert float(binary_calibration_error(conf, correct, n_bins=10)) == pytest.approx(0.35, abs=1e-12)
+    # The same through logits: [0, -inf] has confidence exactly 1.0.
+    inf = float("inf")
+    logits = torch.tensor([[0.0, -inf], [-inf, 0.0], [0.95, 0.05], [0.65, 0.35]], dtype=torch.float64)
+    logits[2:] = logits[2:].log()
+    s = _stats(logits, torch.tensor([0, 0, 0, 0]), n_bins=10)
+    assert s.count.tolist() == [0, 0, 0, 0, 0, 0, 1, 0, 0, 3]
+    assert s.ece() == pytest.approx(0.325, abs=1e-12)
+
+
+# ---- edge cases ----------------------------------------------------------------------------
+
+
+def test_confidence_exactly_one_goes_to_the_last_bin():
+    # exp(-200) underflows float32 to 0: the confidence is exactly 1.0.
+    z = torch.tensor([[0.0, -200.0], [5.0, float("-inf")]])
+    s = _stats(z, torch.tensor([0, 1]), n_bins=4)
+    assert s.count.tolist() == [0, 0, 0, 2]
+    assert s.conf_sum.tolist() == [0, 0, 0, 2.0]
+    assert s.correct_sum.tolist() == [0, 0, 0, 1.0]
+
+
+@pytest.mark.parametrize("c,n_bins,expected_bin", [(2, 2, 1), (4, 4, 1), (4, 2, 0), (2, 4, 2), (8, 8, 1)])
+def test_confidence_on_a_bin_edge_goes_to_the_upper_bin(c, n_bins, expected_bin):
+    # Equal logits give confidence 1/C exactly (a power of two here): bins are [lo, hi).
+    s = _stats(torch.zeros(1, c), torch.tensor([0]), n_bins=n_bins)
+    assert s.count.nonzero().flatten().tolist() == [expected_bin]
+    assert float(s.conf_sum[expected_bin]) == 1 / c
+
+
+def test_empty_bins_take_no_part():
+    z = torch.tensor([[2.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
+    s = _stats(z, torch.tensor([0, 0, 0]), n_bins=10)
+    full = s.count > 0
+    assert int(full.sum()) == 2 and float(s.count.sum()) == 3
+    rel = s.reliability()
+    assert torch.isnan(rel.confidence[~full]).all() and torch.isnan(rel.accuracy[~full]).all()
+    gaps = (rel.accuracy[full] - rel.confidence[full]).abs()
+    assert s.ece("max") == pytest.approx(float(gaps.max()), abs=1e-15)
+
+
+def test_one_sample():
+    z = torch.tensor([[1.0, 2.0, 0.5]], dtype=torch.float64)
+    s = _stats(z, torch.tensor([1]))
+    conf = float(torch.softmax(z, -1).max())
+    assert s.ece() == pytest.approx(1 - conf, abs=1e-15) == pytest.approx(s.ece("max"))
+    assert s.ece("l2") == pytest.approx(1 - conf, abs=1e-15)
+    assert s.accuracy() == 1.0
+
+
+def test_all_correct_ece_is_one_minus_mean_confidence_per_bin():
+    z, _ = make_logits(300, 5, dtype=torch.float64, seed=11)
+    y = z.argmax(-1)
+    s = _stats(z, y)
+    conf = torch.softmax(z, -1).max(-1).values
+    assert s.accuracy() == 1.0
+    assert s.ece() == pytest.approx(float(1 - conf.mean()), abs=1e-12)
+
+
+def test_all_wrong_ece_is_mean_confidence():
+    z, _ = make_logits(300, 5, dtype=torch.float64, seed=12)
+    y = (z.argmax(-1) + 1) % 5
+    s = _stats(z, y)
+    conf = torch.softmax(z, -1).max(-1).values
+    assert s.accuracy() == 0.0
+    assert s.ece() == pytest.approx(float(conf.mean()), abs=1e-12)
+
+
+def test_ties_predict_the_lowest_index():
+    z = torch.tensor([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0]])
+    s = _stats(z, torch.tensor([1, 0]))
+    assert s.accuracy() == 1.0
+    s = _stats(z, torch.tensor([2, 1]))
+    assert s.accuracy() == 0.0
+
+
+def test_ignored_rows_are_left_out_and_never_read():
+    z, y = make_logits(50, 6, seed=5, ignore_frac=0.3)
+    z[y == -100] = float("nan")
+    s = _stats(z, y)
+    keep = y != -100
+    ref = _stats(z[keep], y[keep])
+    assert float(s.n) == int(keep.sum())
+    for name in ("count", "conf_sum", "correct_sum", "nll_sum", "brier_sum"):
+        assert torch.equal(getattr(s, name), getattr(ref, name))
+
+
+def test_no_samples_metrics_raise():
+    s = _stats(torch.randn(4, 3), torch.full((4,), -100))
+    assert float(s.n) == 0 and float(s.count.sum()) == 0
+    for method in (s.ece, s.accuracy, s.nll, s.brier, s.reliability):
+        with pytest.raises(ValueError, match="no samples"):
+            method()
+    with pytest.raises(ValueError, match="no samples"):
+        CalibrationStats.zeros(15).ece("max")
+
+
+def test_temperature_divides_the_logits():
+    z, y = make_logits(80, 7, seed=8)
+    a = _stats(z, y, temperature=2.0)
+    b = _stats(z * 0.5, y)
+    for name in ("count", "conf_sum", "correct_sum", "nll_sum", "brier_sum"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+
+
+def test_neg_inf_logits_are_zero_probability():
+    z = torch.tensor([[0.0, float("-inf"), 0.0]])
+    s = _stats(z, torch.tensor([2]))
+    assert s.nll() == pytest.approx(math.log(2), abs=1e-7)
+    assert s.brier() == pytest.approx(0.5, abs=1e-7)  # (1/2)^2 + 0 + (1/2)^2
+    s = _stats(z, torch.tensor([1]))
+    assert s.nll() == math.inf
+
+
+def test_nan_logits_raise_naming_the_rows():
+    z, y = make_logits(20, 4, seed=1)
+    z[3, 1] = float("nan")
+    z[17, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"logits: rows \[3, 17\]"):
+        _stats(z, y)
+
+
+def test_overflow_after_temperature_is_reported():
+    z = torch.tensor([[3e38, 0.0]])
+    with pytest.raises(ValueError, match=r"logits: rows \[0\]"):
+        _stats(z, torch.tensor([0]), temperature=0.5)
+
+
+# ---- merging -------------------------------------------------------------------------------
+
+
+def test_merge_of_parts_equals_the_whole():
+    z, y = make_logits(300, 9, seed=21, ignore_frac=0.1)
+    whole = _stats(z, y)
+    parts = [_stats(z[i : i + 70], y[i : i + 70]) for i in range(0, 300, 70)]
+    merged = sum(parts)
+    assert isinstance(merged, CalibrationStats)
+    assert torch.equal(merged.count, whole.count) and float(merged.n) == float(whole.n)
+    for name in ("conf_sum", "correct_sum", "nll_sum", "brier_sum"):
+        torch.testing.assert_close(getattr(merged, name), getattr(whole, name), rtol=1e-13, atol=1e-13)
+    assert merged.ece() == pytest.approx(whole.ece(), abs=1e-13)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 40),
+    c=st.integers(1, 8),
+    cut=st.integers(0, 40),
+    n_bins=st.integers(1, 20),
+    seed=st.integers(0, 2**16),
+)
+def test_merge_property(n, c, cut, n_bins, seed):
+    z, y = make_logits(n, c, seed=seed, ignore_frac=0.2)
+    cut = min(cut, n)
+    whole = _stats(z, y, n_bins=n_bins)
+    merged = _stats(z[:cut], y[:cut], n_bins=n_bins) + _stats(z[cut:], y[cut:], n_bins=n_bins)
+    assert torch.equal(merged.count, whole.count)
+    torch.testing.assert_close(merged.conf_sum, whole.conf_sum, rtol=1e-13, atol=1e-13)
+    if float(whole.n) > 0:
+        assert 0.0 <= whole.ece() <= 1.0
+        assert whole.ece("l1") <= whole.ece("l2") + 1e-12 <= whole.ece("max") + 2e-12
+
+
+def test_statistics_are_deterministic():
+    z, y = make_logits(500, 11, seed=2)
+    a, b = _stats(z, y), _stats(z, y)
+    for name in ("count", "conf_sum", "correct_sum", "nll_sum", "brier_sum", "n"):
+        assert torch.equal(getattr(a, name), getattr(b, name))
+
+
+def test_add_checks_its_operand():
+    a = CalibrationStats.zeros(15)
+    with pytest.raises(ValueError, match="other: expected statistics with 15 bins"):
+        a + CalibrationStats.zeros(10)
+    with pytest.raises(TypeError):
+        a + 1.0  # noqa: B018
+    assert (0 + a) is a
+
+
+def test_to_dict_round_trip():
+    z, y = make_logits(60, 4, seed=9)
+    s = _stats(z, y)
+    back = CalibrationStats.from_dict(s.to_dict())
+    for name in ("count", "conf_sum", "correct_sum", "nll_sum", "brier_sum", "n"):
+        assert torch.equal(getattr(back, name), getattr(s, name))
+    with pytest.raises(ValueError, match="d: missing field 'n'"):
+        CalibrationStats.from_dict({k: v for k, v in s.to_dict().items() if k != "n"})
+
+
+def test_reliability_means_and_edges():
+    conf = torch.tensor([0.1, 0.2, 0.75, 0.8], dtype=torch.float64)
+    logits = torch.stack([conf.log(), (1 - conf).log()], -1)
+    s = _stats(logits, torch.tensor([0, 1, 0, 0]), n_bins=2)
+    rel = s.reliability()
+    # Confidences max(p, 1 - p) are 0.9, 0.8, 0.75, 0.8: all in [0.5, 1]; predictions
+    # 1, 1, 0, 0 against labels 0, 1, 0, 0: three correct.
+    assert rel.count.tolist() == [0.0, 4.0]
+    assert rel.lower.tolist() == [0.0, 0.5] and rel.upper.tolist() == [0.5, 1.0]
+    assert float(rel.confidence[1]) == pytest.approx((0.9 + 0.8 + 0.75 + 0.8) / 4, abs=1e-12)
+    assert float(rel.accuracy[1]) == 0.75
+
+
+def test_statistics_validate_their_fields():
+    z = torch.zeros(3, dtype=torch.float64)
+    s = torch.zeros((), dtype=torch.float64)
+    with pytest.raises(TypeError, match="count: expected a float64 tensor"):
+        CalibrationStats(z.float(), z, z, s, s, s)
+    with pytest.raises(ValueError, match="conf_sum: expected shape"):
+        CalibrationStats(z, torch.zeros(4, dtype=torch.float64), z, s, s, s)
+    with pytest.raises(ValueError, match="nll_sum: expected a 0-dim tensor"):
+        CalibrationStats(z, z, z, z, s, s)
+
+
+def test_all_reduce_without_a_process_group_raises():
+    with pytest.raises(RuntimeError, match="all_reduce: torch.distributed is not initialized"):
+        CalibrationStats.zeros(3).all_reduce()
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"n_bins": 0}, ValueError, "n_bins: expected an int >= 1"),
+        ({"n_bins": 2.0}, TypeError, "n_bins"),
+        ({"n_bins": True}, TypeError, "n_bins"),
+        ({"temperature": 0.0}, ValueError, "temperature"),
+        ({"temperature": -1.0}, ValueError, "temperature"),
+        ({"temperature": float("nan")}, ValueError, "temperature"),
+        ({"ignore_index": 1.5}, TypeError, "ignore_index"),
+        ({"backend": "cuda"}, ValueError, "backend"),
+    ],
+)
+def test_bad_options(kwargs, exc, match):
+    z, y = make_logits(4, 3)
+    with pytest.raises(exc, match=match):
+        calibration_stats(z, y, **kwargs)
+
+
+def test_bad_tensors():
+    z, y = make_logits(4, 3)
+    with pytest.raises(ValueError, match="logits: expected shape .* at least 2 dims"):
+        calibration_stats(z[0], y[0])
+    with pytest.raises(TypeError, match="logits"):
+        calibration_stats(z.long(), y)
+    with pytest.raises(ValueError, match="labels: expected shape"):
+        calibration_stats(z, y[:3])
+    with pytest.raises(TypeError, match="labels: expected an integer dtype"):
+        calibration_stats(z, y.float())
+    with pytest.raises(ValueError, match="labels: expected class indices in \\[0, 3\\)"):
+        calibration_stats(z, torch.tensor([0, 1, 3, 0]))
+    with pytest.raises(ValueError, match="labels: expected class indices"):
+        calibration_stats(z, torch.tensor([0, -1, 2, 0]))
+    with pytest.raises(TypeError, match="labels"):
+        calibration_stats(z, [0, 1, 2, 0])
+
+
+def test_metric_method_rejects_unknown_norm():
+    z, y = make_logits(4, 3)
+    with pytest.raises(ValueError, match="norm: expected one of"):
+        calibration_stats(z, y).ece("l3")
+
+
+def test_calibration_rows_shapes_follow_the_labels():
+    z, y = make_logits(12, 5, seed=4, ignore_frac=0.3)
+    rows = kdbench.calibration.calibration_rows(z.reshape(3, 4, 5), y.reshape(3, 4), backend="torch")
+    assert rows.conf.shape == (3, 4) and rows.pred.dtype == torch.int64
+    assert torch.equal(rows.counted, (y != -100).reshape(3, 4))
+    assert bool((rows.pred[~rows.counted] == -1).all()) and bool((rows.conf[~rows.counted] == 0).all())
