@@ -6,7 +6,7 @@ Per row, with x = z * (1 / T) in the compute dtype (float32; float64 for float64
 
 * m = max_k x_k,  S = sum_k exp(x_k - m),  p_k = exp(x_k - m) / S
 * confidence = max_k p_k = 1 / S;  prediction = argmax_k x_k, the lowest index among ties
-* NLL = logsumexp(x) - x_y = -log p_y;  Brier = sum_k (p_k - 1[y = k])^2
+* NLL = -log p_y = log S - (x_y - m);  Brier = sum_k (p_k - 1[y = k])^2
 * bin = min(floor(confidence * M), M - 1) for M equal-width bins [m/M, (m+1)/M); a
   confidence of exactly 1.0 lands in the last bin.
 
@@ -77,7 +77,9 @@ def calibration_rows(
     pred = x.argmax(dim=-1)
     p = e / s[:, None]
     y = torch.where(counted & in_range, labels, 0).long()
-    nll = torch.logsumexp(x, dim=-1) - x.gather(-1, y[:, None]).squeeze(-1)
+    # -log_softmax, not logsumexp - x_y: x_y - m is formed first, so a near-certain
+    # label keeps its small NLL instead of losing it to the rounding of a large logsumexp.
+    nll = -torch.log_softmax(x, dim=-1).gather(-1, y[:, None]).squeeze(-1)
     one_hot = torch.nn.functional.one_hot(y, c).to(cdt)
     brier = (p - one_hot).square().sum(dim=-1)
 
