@@ -111,6 +111,11 @@ def test_only_gaussian_has_a_posterior() -> None:
     assert load_dataset("digits").posterior_test is None
 
 
+def test_empty_validation_split_rejected() -> None:
+    with pytest.raises(ValueError, match=r"^val_fraction: "):
+        load_dataset("gaussian", dataset_size=100, val_fraction=0.01)
+
+
 def test_unknown_dataset_named() -> None:
     with pytest.raises(ValueError, match=r"^dataset: "):
         load_dataset("imagenet")
@@ -215,13 +220,14 @@ def _write_cifar(root, name: str, per_file: int = 12, str_keys: bool = False) ->
 @pytest.mark.parametrize("str_keys", [False, True], ids=["bytes-keys", "str-keys"])
 @pytest.mark.parametrize("name", ["cifar10", "cifar100"])
 def test_cifar_format(tmp_path, name: str, str_keys: bool) -> None:
-    _write_cifar(tmp_path, name, str_keys=str_keys)
+    per_file = 12 if name == "cifar10" else 200  # every class at least twice in the training files
+    _write_cifar(tmp_path, name, per_file=per_file, str_keys=str_keys)
     ds._cifar_arrays.cache_clear()
-    d = load_dataset(name, data_dir=str(tmp_path), val_fraction=0.25)
+    d = load_dataset(name, data_dir=str(tmp_path), val_fraction=0.5)
     n_train_files = 5 if name == "cifar10" else 1
     assert d.input_shape == (3, 32, 32) and d.num_classes == (10 if name == "cifar10" else 100)
-    assert len(d.y_train) + len(d.y_val) == 12 * n_train_files and len(d.y_test) == 12
-    assert torch.equal(d.y_test, torch.tensor((np.arange(12) * 7 + n_train_files) % d.num_classes))
+    assert len(d.y_train) == len(d.y_val) == per_file * n_train_files // 2 and len(d.y_test) == per_file
+    assert torch.equal(d.y_test, torch.tensor((np.arange(per_file) * 7 + n_train_files) % d.num_classes))
     # Channel 0 is constant 200 in every image: standardised per channel it is exactly 0.
     assert torch.all(d.x_train[:, 0] == 0) and float(d.x_train[:, 1].std()) == pytest.approx(1.0, abs=0.01)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -139,3 +141,38 @@ def test_progress_lines_and_silence(cache, capsys) -> None:
     assert out.out == "" and out.err == ""
     run_experiment(RunConfig(**TINY, method="kd", seed=3), cache_dir=str(cache), progress=True)
     assert "[student" in capsys.readouterr().err
+
+
+def test_same_numbers_in_a_fresh_process(cache) -> None:
+    config = RunConfig(**TINY, method="entropy_match", seed=4)
+    here = run_experiment(config, cache_dir=str(cache), progress=False)
+    code = (
+        "import json, sys; from kdbench.experiments import RunConfig, run_experiment;"
+        "cfg = RunConfig.from_dict(json.loads(sys.argv[1]));"
+        "print(json.dumps(run_experiment(cfg, cache_dir=sys.argv[2], progress=False)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(config.to_dict()), str(cache)],
+                         capture_output=True, text=True, check=True)
+    there = json.loads(out.stdout)
+    assert {k for k in here if here[k] != there[k]} <= TIMING | {"teacher_cached"}
+
+
+def test_disk_dataset_with_augmentation(tmp_path) -> None:
+    from test_experiments_datasets import _write_mnist  # the tiny IDX files of the dataset tests
+
+    _write_mnist(tmp_path, "FashionMNIST", n_train=80, n_test=30)
+    recipe = {"steps": 6, "batch_size": 16, "augment": "crop_flip", "schedule": "multistep"}
+    cfg = RunConfig(dataset="fashion_mnist", data_dir=str(tmp_path), teacher="cnn2d_4", student="mlp_8x1",
+                    method="ensemble_kd", ensemble_size=2, teacher_recipe=recipe, student_recipe=recipe)
+    record = run_experiment(cfg, cache_dir=str(tmp_path / "cache"), progress=False)
+    _assert_complete(record, has_teacher=True, has_posterior=False)
+    assert record["n_test"] == 30 and record["student_recipe.augment"] == "crop_flip"
+
+
+@pytest.mark.slow
+def test_published_mnist1d_cnn_recipe(tmp_path) -> None:
+    # Greydanus (2020): the CNN with Adam 1e-2, batch 100, 6000 steps reaches 92-94% test accuracy.
+    record = run_experiment(RunConfig(dataset="mnist1d", student="cnn1d", method="ce"), cache_dir=str(tmp_path),
+                            progress=False)
+    assert record["student/n_params"] == 5210 and record["student_recipe.steps"] == 6000
+    assert record["student/accuracy"] >= 0.90

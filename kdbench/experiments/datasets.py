@@ -132,6 +132,11 @@ def _finish(
 ) -> Dataset:
     """Carve validation from train, standardise with train statistics, convert to tensors."""
     keep, held = stratified_split(y_trainval, val_fraction, rng)
+    if len(held) == 0 or len(keep) == 0:
+        raise ValueError(
+            f"val_fraction: {val_fraction} of {len(y_trainval)} {name} training samples leaves "
+            f"{len(keep)} for training and {len(held)} for validation; both need at least one"
+        )
     x_tr, y_tr = x_trainval[keep], y_trainval[keep]
     x_va, y_va = x_trainval[held], y_trainval[held]
     x_tr, x_va, x_te = (a.astype(np.float32) for a in (x_tr, x_va, x_test))

@@ -28,6 +28,7 @@ averaged over the batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -86,7 +87,7 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 def ensemble_logits(member_logits: list[torch.Tensor]) -> torch.Tensor:
     """``log mean_k softmax(z^(k))``: logits whose softmax is the ensemble's mean probability."""
     log_p = torch.stack([F.log_softmax(z.float(), dim=-1) for z in member_logits])
-    return torch.logsumexp(log_p, dim=0) - torch.log(torch.tensor(float(len(member_logits))))
+    return torch.logsumexp(log_p, dim=0) - math.log(len(member_logits))
 
 
 def make_loss(
