@@ -23,6 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kdbench.reference.kd_fused import kd_loss_fused
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -113,6 +115,41 @@ def kd_loss(
 
     Shapes: logits (..., V), labels (...) or None.  Returns a scalar for
     "batchmean"/"sum", a tensor shaped like the leading dims for "none".
+
+    float32/float16/bfloat16 logits take the chunked path of
+    :mod:`kdbench.reference.kd_fused` (loss and analytic gradient in one sweep, same
+    values); float64 logits take :func:`kd_loss_autograd`, the autograd formula,
+    because float64 is the tests' oracle and must not depend on the path it checks.
+    """
+    opts = dict(
+        temperature=temperature,
+        alpha=alpha,
+        divergence=divergence,
+        beta=beta,
+        reduction=reduction,
+        ignore_index=ignore_index,
+    )
+    if student_logits.dtype == torch.float64:
+        return kd_loss_autograd(student_logits, teacher_logits, labels, **opts)
+    return kd_loss_fused(student_logits, teacher_logits, labels, **opts)
+
+
+def kd_loss_autograd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.0,
+    divergence: str = "forward",
+    beta: float = 0.5,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """``kd_loss`` through autograd over :func:`kd_row_losses`: the oracle formula.
+
+    Same arguments, shapes and results as :func:`kd_loss`; slower (autograd keeps
+    several (N, V) intermediates), and differentiable twice.
     """
     v = student_logits.shape[-1]
     lead = student_logits.shape[:-1]
