@@ -391,3 +391,20 @@ def test_calibration_rows_shapes_follow_the_labels():
     assert rows.conf.shape == (3, 4) and rows.pred.dtype == torch.int64
     assert torch.equal(rows.counted, (y != -100).reshape(3, 4))
     assert bool((rows.pred[~rows.counted] == -1).all()) and bool((rows.conf[~rows.counted] == 0).all())
+
+
+@pytest.mark.parametrize("n_bins", [1, 15, 70000])
+def test_both_binning_paths_agree(n_bins):
+    # CPU runs torch.bincount; other devices run the chunked one-hot sum (several chunks here).
+    from kdbench.reference.calibration import _sums_bincount, _sums_one_hot
+
+    g = torch.Generator().manual_seed(n_bins)
+    n = 3000
+    bins = torch.randint(0, n_bins, (n,), generator=g)
+    vals = (torch.rand(n, generator=g), torch.rand(n, generator=g) < 0.5)
+    mask = torch.rand(n, generator=g) < 0.8
+    a = _sums_bincount(bins, vals, n_bins, mask)
+    b = _sums_one_hot(bins, vals, n_bins, mask)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    torch.testing.assert_close(a[1], b[1], rtol=1e-13, atol=1e-13)
+    assert float(a[0].sum()) == int(mask.sum())

@@ -4,11 +4,16 @@ Shapes: N rows (the leading dims of the logits, flattened) of C classes.
 
 Per row, with x = z * (1 / T) in the compute dtype (float32; float64 for float64 logits):
 
-* m = max_k x_k,  S = sum_k exp(x_k - m),  p_k = exp(x_k - m) / S
+* m = max_k x_k,  e_k = exp(x_k - m),  S' = sum_{k != y} e_k,  S = S' + e_y,  p_k = e_k / S
 * confidence = max_k p_k = 1 / S;  prediction = argmax_k x_k, the lowest index among ties
-* NLL = -log p_y = log S - (x_y - m);  Brier = sum_k (p_k - 1[y = k])^2
+* NLL = -log p_y = log S - (x_y - m), as log1p(S' / e_y) when p_y >= 1/2
+* Brier = sum_k (p_k - 1[y = k])^2 = (sum_{k != y} e_k^2 + S'^2) / S^2
 * bin = min(floor(confidence * M), M - 1) for M equal-width bins [m/M, (m+1)/M); a
   confidence of exactly 1.0 lands in the last bin.
+
+The kernel evaluates the same expressions (a sum of positive terms for the Brier score,
+no cancellation when p_y is near 1), so the two backends differ only by the order of
+summation and the exp implementation.
 
 The bin index is computed in the confidence's own dtype by one multiplication and a
 floor, exactly as the kernel does: two backends that agree on the float32 confidence
@@ -16,14 +21,14 @@ agree on the bin.  Near an edge this can differ by one bin from comparing agains
 explicit edges (``torch.linspace`` values, as torchmetrics does), because ``conf * M``
 rounds; the rule here is the one that gives every backend the same answer.
 
-Rows whose label equals ``ignore_index`` are never read (they may hold NaN padding).
-A counted row whose statistics are undefined (a NaN or +inf logit, +inf after the
+Rows whose label equals ``ignore_index`` take no part (they may hold NaN padding; the
+kernel does not even read them).  A counted row whose statistics are undefined (a NaN or +inf logit, +inf after the
 division by T, an all -inf row, or a label outside [0, C) on CUDA, where labels are
 not checked on the host) gets NaN confidence, NLL and Brier: the caller reports it.
 
-Per-bin sums are accumulated in float64 by a fixed-order reduction (a masked
-one-hot sum per chunk of rows, chunks added in order), so they are bit-identical
-from run to run on every device: no atomics.
+Per-bin sums are accumulated in float64 in a fixed order (``torch.bincount``'s
+sequential loop on CPU; a masked one-hot sum per chunk of rows elsewhere), so they are
+bit-identical from run to run on every device: no atomics.
 """
 
 from __future__ import annotations
@@ -67,28 +72,36 @@ def calibration_rows(
     c = logits.shape[-1]
     counted = labels != ignore_index
     in_range = (labels >= 0) & (labels < c)
-    # Ignored rows may hold anything: compute on zeros so nothing leaks from them.
-    # Multiplying by 1/T (not dividing by T) rounds exactly as the kernel does.
-    x = torch.where(counted[:, None], logits.to(cdt), 0.0) * (1.0 / temperature)
-    m = x.max(dim=-1).values
-    e = torch.exp(x - m[:, None])
-    s = e.sum(dim=-1)
+    y = torch.where(counted & in_range, labels, 0).long()[:, None]
+    # Multiplying by 1/T (not dividing by T) rounds exactly as the kernel does.  Rows
+    # are independent, so an ignored row's padding (even NaN) reaches only its own
+    # outputs, which are overwritten below.
+    x = logits.to(cdt) * (1.0 / temperature) if temperature != 1.0 else logits.to(cdt)
+    m, pred = x.max(dim=-1)  # the first maximal index, as torch.argmax
+    x_y = x.gather(-1, y).squeeze(-1)
+    e_rest = torch.exp(x - m[:, None]).scatter_(-1, y, 0.0)  # e^(x_k - m) for k != y
+    s_rest = e_rest.sum(dim=-1)
+    q_rest = e_rest.square_().sum(dim=-1)
+    e_y = torch.exp(x_y - m)
+    s = s_rest + e_y
     conf = 1.0 / s
-    pred = x.argmax(dim=-1)
-    p = e / s[:, None]
-    y = torch.where(counted & in_range, labels, 0).long()
-    # -log_softmax, not logsumexp - x_y: x_y - m is formed first, so a near-certain
-    # label keeps its small NLL instead of losing it to the rounding of a large logsumexp.
-    nll = -torch.log_softmax(x, dim=-1).gather(-1, y[:, None]).squeeze(-1)
-    one_hot = torch.nn.functional.one_hot(y, c).to(cdt)
-    brier = (p - one_hot).square().sum(dim=-1)
+    # -log p_y = log S - (x_y - m): x_y - m first (exact when close).  When p_y >= 1/2,
+    # log1p(S'/e_y) keeps a tiny NLL that log S (S near 1) would round away.
+    near = e_y >= s_rest
+    nll = torch.where(
+        near,
+        torch.log1p(torch.where(near, s_rest, 0.0) / torch.where(near & (e_y > 0), e_y, 1.0)),
+        torch.log(s) - (x_y - m),
+    )
+    # sum_k (p_k - 1[k = y])^2 = (sum_{k != y} e_k^2 + (sum_{k != y} e_k)^2) / S^2: positive terms only.
+    brier = (q_rest + s_rest.square()) / s.square()
 
     nan = torch.tensor(float("nan"), dtype=cdt, device=x.device)
+    # A NaN / +inf logit or an all -inf row already gives NaN (m or x - m is NaN).
     bad = counted & ~in_range
     conf = torch.where(bad, nan, conf)
     nll = torch.where(bad, nan, nll)
     brier = torch.where(bad, nan, brier)
-    # NaN / +inf / all -inf rows already came out NaN (softmax of them is NaN).
     zero = torch.zeros((), dtype=cdt, device=x.device)
     return CalibrationRows(
         conf=torch.where(counted, conf, zero),
@@ -125,7 +138,45 @@ def binned_sums(
     Returns:
         (count, *sums), each float64 of shape (n_bins,).
     """
+    if bins.device.type == "cpu":
+        return _sums_bincount(bins, values, n_bins, mask)
+    return _sums_one_hot(bins, values, n_bins, mask)
+
+
+def _sums_bincount(
+    bins: torch.Tensor, values: tuple[torch.Tensor, ...], n_bins: int, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, ...]:
+    """CPU: torch.bincount is one sequential loop, so a fixed order, in O(N)."""
+    # Masked-out samples go to an extra slot that is dropped (their NaNs go nowhere).
+    slot = bins if mask is None else torch.where(mask, bins, n_bins)
+    out = [torch.bincount(slot, minlength=n_bins + 1)[:n_bins].to(torch.float64)]
+    for v in values:
+        w = torch.bincount(slot, weights=v.to(torch.float64), minlength=n_bins + 1)
+        out.append(w[:n_bins].to(torch.float64))  # an empty input comes back int64
+    return tuple(out)
+
+
+def _sums_one_hot(
+    bins: torch.Tensor, values: tuple[torch.Tensor, ...], n_bins: int, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, ...]:
+    """Any device (CUDA's weighted bincount uses atomics): a masked one-hot sum per chunk
+    of rows, a plain reduction, chunks added in order."""
     device = bins.device
+    out = [torch.zeros(n_bins, dtype=torch.float64, device=device) for _ in range(len(values) + 1)]
+    chunk = max(1, _ONE_HOT_ELEMENTS // n_bins)
+    slots = torch.arange(n_bins, device=device)
+    for start in range(0, bins.shape[0], chunk):
+        hot = bins[start : start + chunk, None] == slots[None, :]
+        if mask is not None:
+            hot &= mask[start : start + chunk, None]
+        out[0] += hot.sum(dim=0, dtype=torch.float64)
+        for acc, v in zip(out[1:], values):
+            v64 = v[start : start + chunk, None].to(torch.float64)
+            # where, not a product: a NaN in one row must not reach the other bins.
+            acc += torch.where(hot, v64, 0.0).sum(dim=0)
+    return tuple(out)
+    # Elsewhere bincount with weights uses atomics: a masked one-hot sum per chunk of
+    # rows (a plain reduction), chunks added in order.
     out = [torch.zeros(n_bins, dtype=torch.float64, device=device) for _ in range(len(values) + 1)]
     chunk = max(1, _ONE_HOT_ELEMENTS // n_bins)
     slots = torch.arange(n_bins, device=device)
