@@ -175,21 +175,6 @@ def _sums_one_hot(
             # where, not a product: a NaN in one row must not reach the other bins.
             acc += torch.where(hot, v64, 0.0).sum(dim=0)
     return tuple(out)
-    # Elsewhere bincount with weights uses atomics: a masked one-hot sum per chunk of
-    # rows (a plain reduction), chunks added in order.
-    out = [torch.zeros(n_bins, dtype=torch.float64, device=device) for _ in range(len(values) + 1)]
-    chunk = max(1, _ONE_HOT_ELEMENTS // n_bins)
-    slots = torch.arange(n_bins, device=device)
-    for start in range(0, bins.shape[0], chunk):
-        hot = bins[start : start + chunk, None] == slots[None, :]
-        if mask is not None:
-            hot &= mask[start : start + chunk, None]
-        out[0] += hot.sum(dim=0, dtype=torch.float64)
-        for acc, v in zip(out[1:], values):
-            v64 = v[start : start + chunk, None].to(torch.float64)
-            # where, not a product: a NaN in one row must not reach the other bins.
-            acc += torch.where(hot, v64, 0.0).sum(dim=0)
-    return tuple(out)
 
 
 def calibration_sums(
