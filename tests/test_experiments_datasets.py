@@ -202,7 +202,10 @@ def test_idx_truncated(tmp_path) -> None:
 def _write_cifar(root, name: str, per_file: int = 12, str_keys: bool = False) -> None:
     folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
     folder.mkdir(parents=True)
-    train, test = ([f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]) if name == "cifar10" else (["train"], ["test"])
+    if name == "cifar10":
+        train, test = [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"]
+    else:
+        train, test = ["train"], ["test"]
     classes = 10 if name == "cifar10" else 100
     label_key = "labels" if name == "cifar10" else "fine_labels"
     rng = np.random.default_rng(1)

@@ -26,7 +26,6 @@ config and run fields, ``role``, then :data:`ROLE_FIELDS`), ready for a CSV writ
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable
 
 import torch
@@ -144,7 +143,8 @@ def run_experiment(
     check_runnable(config)
     say = _resolve_progress(progress)
     dev = _resolve_device(device)
-    if num_threads is not None and (isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1):
+    bad_threads = isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
+    if num_threads is not None and bad_threads:
         raise ValueError(f"num_threads: expected an int >= 1 or None, got {num_threads!r}")
     with deterministic(num_threads):
         return _run(config, cache_dir=cache_dir, device=dev, progress=say, threads=torch.get_num_threads())
@@ -185,19 +185,10 @@ def _run(config: RunConfig, *, cache_dir: str | None, device: torch.device, prog
     teacher_test = None
     if teachers:
         record["teacher_cached"] = all(t.cached for t in teachers)
-        raw = _TeacherSignal(teachers)
-        t_val, teacher_test = raw.logits(data.x_val), raw.logits(data.x_test)
-        metrics = evaluate_predictions(t_val, data.y_val, teacher_test, data.y_test, posterior_test=data.posterior_test)
-        seconds = sum(t.train_seconds for t in teachers)
-        samples = sum(t.train_seconds * t.samples_per_second for t in teachers)
-        record.update({f"teacher/{k}": v for k, v in metrics.items()})
-        record.update({
-            "teacher/n_params": sum(count_parameters(t.model) for t in teachers),
-            "teacher/train_seconds": seconds,
-            "teacher/train_samples_per_second": samples / seconds if seconds > 0 else None,
-        })
+        teacher_fields, teacher_test = _evaluate_teachers(teachers, data)
+        record.update({f"teacher/{k}": v for k, v in teacher_fields.items()})
         if spec.needs_teacher:
-            scale = metrics["fitted_temperature"] if spec.teacher_temperature_scaled else 1.0
+            scale = teacher_fields["fitted_temperature"] if spec.teacher_temperature_scaled else 1.0
             signal = _TeacherSignal(teachers, scale)
             if config.student_recipe.augment == "none":  # type: ignore[union-attr]
                 signal.precompute(data.x_train)
@@ -244,6 +235,21 @@ def _run(config: RunConfig, *, cache_dir: str | None, device: torch.device, prog
         acc, ece = record["student/accuracy"], record["student/ece"]
         progress(f"[run] {name}: student accuracy {acc:.4f} ECE {ece:.4f} ({result.seconds:.1f} s)")
     return record
+
+
+def _evaluate_teachers(teachers: list[Teacher], data: Dataset) -> tuple[dict[str, Any], torch.Tensor]:
+    """The teacher's :data:`ROLE_FIELDS` (an ensemble's: mean probability, summed sizes and times) and test logits."""
+    combined = _TeacherSignal(teachers)
+    test = combined.logits(data.x_test)
+    out: dict[str, Any] = evaluate_predictions(
+        combined.logits(data.x_val), data.y_val, test, data.y_test, posterior_test=data.posterior_test
+    )
+    seconds = sum(t.train_seconds for t in teachers)
+    samples = sum(t.train_seconds * t.samples_per_second for t in teachers)
+    out["n_params"] = sum(count_parameters(t.model) for t in teachers)
+    out["train_seconds"] = seconds
+    out["train_samples_per_second"] = samples / seconds if seconds > 0 else None
+    return out, test
 
 
 def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:

@@ -196,7 +196,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         info = self._validate_names()
         _set(self, "seed", _int("seed", self.seed, 0))
-        _set(self, "teacher_seed", self.seed if self.teacher_seed is None else _int("teacher_seed", self.teacher_seed, 0))
+        teacher_seed = self.seed if self.teacher_seed is None else _int("teacher_seed", self.teacher_seed, 0)
+        _set(self, "teacher_seed", teacher_seed)
         _set(self, "temperature", _checks.check_temperature(self.temperature))
         _set(self, "alpha", _checks.check_unit_interval("alpha", self.alpha, open_=False))
         _set(self, "beta", _checks.check_unit_interval("beta", self.beta, open_=True))

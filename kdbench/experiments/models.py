@@ -265,7 +265,9 @@ def parse_model(name: object, *, field: str = "model") -> ModelSpec:
                 raise ValueError(f"{field}: {e}") from None
             return ModelSpec(name, family, args, spec.input_kind)
     examples = ", ".join(s.example for s in FAMILIES.values())
-    raise ValueError(f"{field}: unknown model {name!r}; expected a name like {examples} (see kdbench.experiments.models)")
+    raise ValueError(
+        f"{field}: unknown model {name!r}; expected a name like {examples} (see kdbench.experiments.models)"
+    )
 
 
 def check_input(spec: ModelSpec, input_shape: tuple[int, ...], *, field: str = "model") -> None:

@@ -31,7 +31,7 @@ from kdbench.experiments.config import Recipe, RunConfig, stable_hash
 from kdbench.experiments.datasets import Dataset
 from kdbench.experiments.methods import METHODS
 from kdbench.experiments.models import build_model
-from kdbench.experiments.train import Progress, derive_seed, seeded_model, train_model
+from kdbench.experiments.train import Progress, TrainResult, derive_seed, seeded_model, train_model
 
 CACHE_FORMAT = 1  # bump when the checkpoint layout or the training code changes what a teacher is
 ENSEMBLE_SEED_STRIDE = 1000  # ensemble member k trains with teacher_seed + k * stride
@@ -96,7 +96,9 @@ class Teacher:
     path: Path
 
 
-def train_teacher(tc: TeacherConfig, data: Dataset, *, device: torch.device, progress: Progress | None) -> tuple[nn.Module, Any]:
+def train_teacher(
+    tc: TeacherConfig, data: Dataset, *, device: torch.device, progress: Progress | None
+) -> tuple[nn.Module, TrainResult]:
     """Train a fresh teacher for ``tc`` on ``data`` (already on ``device``)."""
     model = seeded_model(
         lambda: build_model(tc.model, data.input_shape, data.num_classes), derive_seed(tc.seed, "teacher-init"), device
