@@ -4,8 +4,9 @@ Importing kdbench imports neither triton nor CUDA: kernels load on first use.
 """
 
 from kdbench import metrics
-from kdbench.calibration import CalibrationStats, calibration_stats, fit_temperature
+from kdbench.calibration import CalibrationStats, calibration_stats
 from kdbench.loss import KDLoss, kd_loss
+from kdbench.temperature import fit_temperature
 
 __version__ = "0.1.0"
 
