@@ -10,7 +10,10 @@ import importlib
 import sys
 
 # command name -> (module, function taking argv and returning an exit code, one-line help)
-COMMANDS: dict[str, tuple[str, str, str]] = {}
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "run": ("kdbench.sweep.cli", "run_main", "run a benchmark suite (resumable), then write its tables"),
+    "table": ("kdbench.sweep.cli", "table_main", "regenerate a suite's tables and figures from its records"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import pytest
 
 from kdbench.experiments import (
     METHODS,
+    RELIABILITY_FIELDS,
     ROLE_FIELDS,
     ROLES,
     RUN_FIELDS,
@@ -51,6 +52,16 @@ def _assert_complete(record: dict, *, has_teacher: bool, has_posterior: bool) ->
                 assert isinstance(value, (int, float)) and math.isfinite(value), (role, field, value)
             else:
                 assert value is None, (role, field, value)
+    for role in ROLES:
+        sums = [record[f"{role}/{field}"] for field in RELIABILITY_FIELDS]
+        if role == "teacher" and not has_teacher:
+            assert sums == [None] * len(RELIABILITY_FIELDS)
+            continue
+        count, conf_sum, correct_sum = sums
+        assert len(count) == len(conf_sum) == len(correct_sum) == 15
+        assert sum(count) == record["n_test"]
+        assert math.isclose(sum(correct_sum) / record["n_test"], record[f"{role}/accuracy"], rel_tol=1e-12)
+        assert all(0 <= c <= n and 0 <= s <= n for c, s, n in zip(correct_sum, conf_sum, count))
     json.dumps(record, allow_nan=False)  # JSON-serialisable, no NaN
 
 

@@ -33,7 +33,7 @@ import torch
 from kdbench import __version__
 from kdbench.experiments.config import DEFAULT_RECIPES, Recipe, RunConfig, check_runnable
 from kdbench.experiments.datasets import DATASETS, Dataset, load_dataset
-from kdbench.experiments.evaluate import METRIC_FIELDS, evaluate_predictions
+from kdbench.experiments.evaluate import METRIC_FIELDS, RELIABILITY_FIELDS, evaluate_predictions, reliability_sums
 from kdbench.experiments.methods import METHODS, ensemble_logits, make_loss
 from kdbench.experiments.models import FAMILIES, build_model, count_parameters
 from kdbench.experiments.teachers import Teacher, default_cache_dir, get_teacher, teacher_configs
@@ -58,6 +58,7 @@ __all__ = [
     "FAMILIES",
     "METHODS",
     "METRIC_FIELDS",
+    "RELIABILITY_FIELDS",
     "ROLES",
     "ROLE_FIELDS",
     "RUN_FIELDS",
@@ -176,7 +177,7 @@ def _run(config: RunConfig, *, cache_dir: str | None, device: torch.device, prog
         teacher_cached=None,
     )
     for role in ROLES:
-        record.update({f"{role}/{f}": None for f in ROLE_FIELDS})
+        record.update({f"{role}/{f}": None for f in ROLE_FIELDS + RELIABILITY_FIELDS})
 
     teachers = [
         get_teacher(tc, data, cache_dir=cache_dir, device=device, progress=progress) for tc in teacher_configs(config)
@@ -217,15 +218,17 @@ def _run(config: RunConfig, *, cache_dir: str | None, device: torch.device, prog
         progress=progress,
         label=f"student {config.student} {config.method} seed {config.seed}",
     )
+    student_test = predict(student, data.x_test)
     metrics = evaluate_predictions(
         predict(student, data.x_val),
         data.y_val,
-        predict(student, data.x_test),
+        student_test,
         data.y_test,
         posterior_test=data.posterior_test,
         teacher_test_logits=teacher_test,
     )
     record.update({f"student/{k}": v for k, v in metrics.items()})
+    record.update({f"student/{k}": v for k, v in reliability_sums(student_test, data.y_test).items()})
     record.update({
         "student/n_params": count_parameters(student),
         "student/train_seconds": result.seconds,
@@ -246,6 +249,7 @@ def _evaluate_teachers(teachers: list[Teacher], data: Dataset) -> tuple[dict[str
     )
     seconds = sum(t.train_seconds for t in teachers)
     samples = sum(t.train_seconds * t.samples_per_second for t in teachers)
+    out.update(reliability_sums(test, data.y_test))
     out["n_params"] = sum(count_parameters(t.model) for t in teachers)
     out["train_seconds"] = seconds
     out["train_samples_per_second"] = samples / seconds if seconds > 0 else None

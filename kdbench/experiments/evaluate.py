@@ -65,6 +65,21 @@ METRIC_FIELDS: tuple[str, ...] = (
 )
 
 
+# Per-bin sums of the test split's calibration statistics (equal-width, N_BINS bins), kept in
+# the record as lists so that reliability diagrams can pool seeds exactly (the sums add).
+RELIABILITY_FIELDS: tuple[str, ...] = ("bin_count", "bin_conf_sum", "bin_correct_sum")
+
+
+def reliability_sums(test_logits: torch.Tensor, test_labels: torch.Tensor) -> dict[str, list[float]]:
+    """:data:`RELIABILITY_FIELDS` of (N, C) test logits: per-bin count, sum of confidence, sum of correct."""
+    stats = kdbench.calibration_stats(test_logits, test_labels, n_bins=N_BINS)
+    return {
+        "bin_count": stats.count.tolist(),
+        "bin_conf_sum": stats.conf_sum.tolist(),
+        "bin_correct_sum": stats.correct_sum.tolist(),
+    }
+
+
 def true_calibration_error(logits: torch.Tensor, posterior: torch.Tensor, temperature: float = 1.0) -> float:
     """``mean_i |conf_i - posterior_i[pred_i]|``: the calibration error against the true posterior.
 

@@ -18,15 +18,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdbench._io import atomic_write
 from kdbench.experiments.config import Recipe, RunConfig, stable_hash
 from kdbench.experiments.datasets import Dataset
 from kdbench.experiments.methods import METHODS
@@ -115,25 +115,6 @@ def train_teacher(
         label=f"teacher {tc.model} seed {tc.seed}" + (f" ls {eps}" if eps else ""),
     )
     return model, result
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it over ``path``.
-
-    Readers see the old file or the whole new one, never a part; on any exception
-    (Ctrl-C included) the temporary file is removed and ``path`` is untouched.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load(path: Path, tc: TeacherConfig, data: Dataset, device: torch.device) -> Teacher | None:
