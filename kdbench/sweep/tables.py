@@ -189,9 +189,11 @@ def write_figures(suite: Suite, found: list[tuple[Run, dict[str, Any]]], rows: l
                 continue
             cols = min(len(names), 4)
             nrows = math.ceil(len(names) / cols)
-            fig, axes = plt.subplots(nrows, cols, figsize=(3.1 * cols, 3.1 * nrows), squeeze=False)
+            fig, axes = plt.subplots(nrows, cols, figsize=(3.1 * cols, 3.3 * nrows), squeeze=False,
+                                     layout="constrained")
             for ax in axes.flat[len(names):]:
                 ax.axis("off")
+            fig.get_layout_engine().set(h_pad=0.08, hspace=0.06)
             for ax, name in zip(axes.flat, names):
                 count, conf_sum, correct_sum = pooled[name]
                 m = len(count)
@@ -217,7 +219,7 @@ def write_figures(suite: Suite, found: list[tuple[Run, dict[str, Any]]], rows: l
         part = [r for r in rows if r["dataset"] == dataset and r.get("accuracy") is not None]
         if not part:
             continue
-        fig, ax = plt.subplots(figsize=(6.2, 4.2))
+        fig, ax = plt.subplots(figsize=(6.2, 4.2), layout="constrained")
         methods = list(dict.fromkeys(r["method"] for r in part))
         cmap = plt.get_cmap("tab20")
         for i, method in enumerate(methods):
