@@ -73,68 +73,85 @@ def rows_per_block(v: int, device: torch.device) -> int:
     return max(1, elems // max(v, 1))
 
 
-def _softmax_into(
+@dataclass
+class _Softmax:
+    """Row softmax of ``x * scale`` kept unnormalised, in two (R, V) buffers.
+
+    ``work = x * scale - shift`` and ``e = exp(work)``; then ``p = e / total`` and
+    ``log p = work - log_sum``, exact for large logits (``x * scale - shift`` is exact
+    up to one rounding).  Row factors stay (R, 1) until a caller needs them.
+    """
+
+    work: torch.Tensor
+    e: torch.Tensor
+    shift: torch.Tensor
+    total: torch.Tensor
+    log_sum: torch.Tensor
+
+    def normalise(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Turn the buffers into (log p, p) in place."""
+        self.work.sub_(self.log_sum)
+        self.e.mul_(self.total.reciprocal())
+        return self.work, self.e
+
+
+def _softmax(
     x: torch.Tensor,  # (R, V) logits, any float dtype
     scale: float,  # 1 / T
-    p: torch.Tensor,  # (R, V) out: softmax(x * scale), compute dtype
-    log_p: torch.Tensor | None,  # (R, V) out: log_softmax(x * scale), or None when not needed
-    work: torch.Tensor,  # (R, V) scratch, compute dtype; may be log_p
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax of ``x * scale`` (upcast before the multiply) and its (R, 1) shift and log-sum.
+    work: torch.Tensor,  # (R, V) out: x * scale - shift, compute dtype
+    e: torch.Tensor,  # (R, V) out: exp(work), compute dtype
+) -> _Softmax:
+    """Four passes: max, scaled shift (upcast before the multiply), exp, sum.
 
-    logsumexp(x * scale) = shift + log-sum; keeping the two apart lets callers form
-    log p = (x * scale - shift) - log-sum exactly for large logits.  The shift is the raw
-    max times ``scale`` (max commutes with a positive scale and monotone rounding).
-    Rows of all -inf or holding +inf give NaN, as ``F.log_softmax`` does.
+    The shift is the raw max times ``scale`` (max commutes with a positive scale and
+    monotone rounding).  Rows of all -inf or holding +inf / NaN get a NaN ``log_sum``.
     """
-    cdt = p.dtype
+    cdt = work.dtype
     shift = x.amax(dim=-1, keepdim=True).to(cdt).mul_(scale)
-    # One pass: x * scale - shift, the product formed in the compute dtype.
     torch.addcmul(-shift, x, torch.tensor(scale, dtype=cdt), out=work)
-    torch.exp(work, out=p)
-    total = p.sum(dim=-1, keepdim=True)
-    log_sum = total.log()
-    if log_p is not None:
-        torch.sub(work, log_sum, out=log_p)
-    p.mul_(total.reciprocal_())
-    return shift, log_sum
+    torch.exp(work, out=e)
+    total = e.sum(dim=-1, keepdim=True)
+    return _Softmax(work, e, shift, total, total.log())
 
 
-def _maybe_any(mask: torch.Tensor) -> bool:
-    """``mask.any()`` on CPU; True elsewhere, where asking would cost a host sync."""
-    return mask.device.type != "cpu" or bool(mask.any())
+def _masked_dot(
+    e: torch.Tensor,  # (R, V) weights >= 0 (an unnormalised probability)
+    d: torch.Tensor,  # (R, V) log-ratios, possibly infinite where e == 0
+    tmp: torch.Tensor,  # (R, V) scratch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row sums of ``e * d`` with entries where ``e == 0`` exactly 0, rows that were not finite).
 
-
-def _masked_sum(term: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Row sums of ``term`` with entries where ``p == 0`` counted as exactly 0.
-
-    ``term = p * (log-ratio)`` is already 0 there unless the log-ratio is infinite
-    (a -inf logit), which gives 0 * inf = NaN.  On CPU the sum is taken first and
-    only rows that came out NaN are masked and summed again: masks are rare, and
-    the check costs R scalars.  Elsewhere the mask is applied unconditionally (no sync).
+    ``e * d`` is already 0 where ``e == 0`` unless ``d`` is infinite there (a -inf
+    logit): 0 * inf = NaN.  The plain sum is taken first and only rows that came out
+    non-finite are summed again with the mask: masks are rare.  On CPU that costs R
+    scalars; elsewhere the masked sum is always computed (no host sync).
     """
-    if term.device.type != "cpu":
-        return torch.where(p > 0, term, 0.0).sum(-1)
-    rows = term.sum(-1)
-    bad = torch.isnan(rows)
-    if bool(bad.any()):
-        idx = bad.nonzero().squeeze(-1)
-        rows[idx] = torch.where(p[idx] > 0, term[idx], 0.0).sum(-1)
-    return rows
+    torch.mul(e, d, out=tmp)
+    rows = tmp.sum(-1)
+    suspect = ~torch.isfinite(rows)
+    if e.device.type == "cpu":
+        if bool(suspect.any()):
+            idx = suspect.nonzero().squeeze(-1)
+            rows[idx] = torch.where(e[idx] > 0, tmp[idx], 0.0).sum(-1)
+    else:
+        rows = torch.where(suspect, torch.where(e > 0, tmp, 0.0).sum(-1), rows)
+    return rows, suspect
 
 
 def _k_grad(
-    log_ratio: torch.Tensor,  # (R, V) log p_s - log q; overwritten
-    p: torch.Tensor,  # (R, V) p_s
+    d: torch.Tensor,  # (R, V) log p_s - log q; overwritten
+    e: torch.Tensor,  # (R, V) unnormalised p_s
     k: torch.Tensor,  # (R,) K = sum p_s (log p_s - log q)
-    w: torch.Tensor,  # 0-dim weight
+    w: torch.Tensor,  # (R, 1) weight, including 1 / total of e
+    suspect: torch.Tensor,  # (R,) rows whose K sum needed the zero mask
     g: torch.Tensor,  # (R, V) out
 ) -> None:
-    """``g = w * p * (log_ratio - K)``, exactly 0 where ``p == 0`` (reverse KL and JSD)."""
-    log_ratio.sub_(k[:, None])
-    torch.mul(log_ratio, p, out=g)
+    """``g = w * e * (d - K)``, exactly 0 where ``e == 0`` (reverse KL and JSD)."""
+    d.sub_(k[:, None])
+    torch.mul(d, e, out=g)
     g.mul_(w)
-    g.masked_fill_(p == 0, 0.0)
+    if e.device.type != "cpu" or bool(suspect.any()):
+        g.masked_fill_((e == 0) & suspect[:, None], 0.0)
 
 
 def _block(
@@ -148,62 +165,69 @@ def _block(
     gscale: torch.Tensor,  # 0-dim factor folded into the gradient (1/n_counted for batchmean)
 ) -> torch.Tensor:
     """Row losses (R,) of one block; its gradient is written into ``g``."""
-    la, lb, pa, pb = bufs
-    rows = torch.zeros(s.shape[0], dtype=la.dtype, device=s.device)
-    # Rows whose softmax is undefined (a +inf or NaN logit, or all -inf): NaN, loudly.
-    undefined = torch.zeros(s.shape[0], dtype=torch.bool, device=s.device)
+    wa, wb, ea, eb = bufs
+    rows = torch.zeros(s.shape[0], dtype=wa.dtype, device=s.device)
     inv_t = 1.0 / o.temperature
-    soft_stats = None
+    soft = None
     if o.alpha < 1.0:
-        soft_stats = _softmax_into(s, inv_t, pa, la, la)  # pa = p_s, la = log p_s
-        t_stats = _softmax_into(t, inv_t, pb, lb, lb)  # pb = p_t, lb = log p_t
-        undefined |= soft_stats[1].isnan().squeeze(-1) | t_stats[1].isnan().squeeze(-1)
+        soft = _softmax(s, inv_t, wa, ea)
+        teach = _softmax(t, inv_t, wb, eb)
+        # Rows whose softmax is undefined (a +inf or NaN logit, or all -inf): NaN, loudly.
+        undefined = soft.log_sum.isnan() | teach.log_sum.isnan()
         gw = gscale * ((1.0 - o.alpha) * o.temperature)
         if o.divergence == "forward":
+            # log p_t - log p_s, per element: no cancellation between large logsumexps.
+            torch.sub(wb, wa, out=wa)
+            wa.sub_(teach.log_sum - soft.log_sum)
+            dot, _ = _masked_dot(eb, wa, wb)
+            div = dot / teach.total.squeeze(-1)
             if g is not None:
-                torch.sub(pa, pb, out=g)
-                g.mul_(gw)
-            torch.sub(lb, la, out=la)  # log p_t - log p_s
-            la.mul_(pb)
-            div = _masked_sum(la, pb)
+                torch.mul(ea, gw / soft.total, out=g)
+                g.addcmul_(eb, -gw / teach.total)  # c (p_s - p_t)
         elif o.divergence == "reverse":
-            la.sub_(lb)  # log p_s - log p_t
-            torch.mul(la, pa, out=lb)
-            div = _masked_sum(lb, pa)
+            wa.sub_(wb)
+            wa.sub_(soft.log_sum - teach.log_sum)  # log p_s - log p_t
+            dot, suspect = _masked_dot(ea, wa, wb)
+            div = dot / soft.total.squeeze(-1)
             if g is not None:
-                _k_grad(la, pa, div, gw, g)
+                _k_grad(wa, ea, div, gw / soft.total, suspect, g)
         else:
+            log_ps, _ = soft.normalise()
+            log_pt, p_t = teach.normalise()
             # log M = logaddexp(log p_t + log beta, log p_s + log(1 - beta)), -inf where both are.
-            log_m = la.add(math.log1p(-o.beta))
-            torch.logaddexp(log_m, lb.add(math.log(o.beta)), out=log_m)
-            lb.sub_(log_m).mul_(pb)  # p_t (log p_t - log M)
-            k_t = _masked_sum(lb, pb)
-            la.sub_(log_m)  # log p_s - log M
-            torch.mul(la, pa, out=lb)
-            k_s = _masked_sum(lb, pa)
+            log_m = log_ps.add(math.log1p(-o.beta))
+            torch.logaddexp(log_m, log_pt.add(math.log(o.beta)), out=log_m)
+            log_pt.sub_(log_m)
+            k_t, _ = _masked_dot(p_t, log_pt, log_pt)
+            log_ps.sub_(log_m)
+            del log_m
+            k_s, suspect = _masked_dot(soft.e, log_ps, log_pt)
             div = o.beta * k_t + (1.0 - o.beta) * k_s
             if g is not None:
-                _k_grad(la, pa, k_s, gw * (1.0 - o.beta), g)
+                _k_grad(log_ps, soft.e, k_s, gw * (1.0 - o.beta), suspect, g)
         rows += ((1.0 - o.alpha) * o.temperature**2) * div
+    else:
+        undefined = torch.zeros((s.shape[0], 1), dtype=torch.bool, device=s.device)
     if o.alpha > 0.0:
         assert y is not None
-        if soft_stats is not None and o.temperature == 1.0:
-            shift, log_sum = soft_stats  # pa still holds softmax(z_s)
+        if soft is not None and o.temperature == 1.0 and o.divergence != "jsd":
+            hard = soft  # its e buffer still holds exp(z - max z)
         else:
-            shift, log_sum = _softmax_into(s, 1.0, pa, None, la)
-        undefined |= log_sum.isnan().squeeze(-1)
-        z_y = s.gather(-1, y[:, None]).to(la.dtype)
+            hard = _softmax(s, 1.0, wa, ea)
+            undefined = undefined | hard.log_sum.isnan()
+        z_y = s.gather(-1, y[:, None]).to(wa.dtype)
         # -log softmax(z)[y] = (shift - z_y) + log-sum: no cancellation for large logits.
-        rows += o.alpha * ((shift - z_y) + log_sum).squeeze(-1)
+        rows += o.alpha * ((hard.shift - z_y) + hard.log_sum).squeeze(-1)
         if g is not None:
             w = gscale * o.alpha
-            if soft_stats is None:
-                torch.mul(pa, w, out=g)
+            if soft is None:
+                torch.mul(hard.e, w / hard.total, out=g)
             else:
-                g.addcmul_(pa, w)
+                g.addcmul_(hard.e, w / hard.total)
             g[torch.arange(g.shape[0], device=g.device), y] -= w
+    undefined = undefined.squeeze(-1)
     rows.masked_fill_(undefined, float("nan"))
-    if g is not None and _maybe_any(undefined):
+    if g is not None and (g.device.type != "cpu" or bool(undefined.any())):
         g.masked_fill_(undefined[:, None], float("nan"))
     if counted is not None:
         rows.masked_fill_(~counted, 0.0)
