@@ -11,6 +11,7 @@ import sys
 
 # command name -> (module, function taking argv and returning an exit code, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
+    "bench": ("kdbench.bench.cli", "main", "time kdbench against eager / compile / Liger / torchmetrics; --check: GPU check"),
     "run": ("kdbench.sweep.cli", "run_main", "run a benchmark suite (resumable), then write its tables"),
     "table": ("kdbench.sweep.cli", "table_main", "regenerate a suite's tables and figures from its records"),
 }
