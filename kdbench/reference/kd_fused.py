@@ -40,7 +40,9 @@ Limits
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -338,7 +340,16 @@ class _FusedKD(torch.autograd.Function):
         return grad.reshape(student.shape), None, None, None
 
 
-@torch.compiler.disable
+@functools.cache
+def _apply_eagerly() -> Callable[..., torch.Tensor]:
+    """``_FusedKD.apply`` kept out of ``torch.compile`` graphs (a graph break).
+
+    Made on first use: ``torch.compiler.disable`` imports Dynamo, which imports triton,
+    and ``import kdbench`` must import neither.
+    """
+    return torch.compiler.disable(_FusedKD.apply)
+
+
 def kd_loss_fused(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -358,4 +369,4 @@ def kd_loss_fused(
     dims for "none".  The gradient reaching ``student_logits`` has its dtype.
     """
     opts = _Opts(temperature, alpha, divergence, beta, reduction, ignore_index)
-    return _FusedKD.apply(student_logits, teacher_logits.detach(), labels, opts)
+    return _apply_eagerly()(student_logits, teacher_logits.detach(), labels, opts)
