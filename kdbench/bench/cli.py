@@ -212,6 +212,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     repeats = args.repeats or (3 if args.quick else 20 if device != "cpu" else 7)
     cases = [c for c in headline_cases(device, quick=args.quick) if not args.only or c.op in args.only]
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    busy_before = measure.cpu_busy_fraction()
     print(f"kdbench bench on {device}: {len(cases)} cases, {repeats} timed rounds each")
     bw = measure.copy_bandwidth(device, nbytes=(1 << 24) if args.quick else None)
     print(f"copy bandwidth: {bw['GB/s']:.1f} GB/s")
@@ -234,6 +235,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     }
     if load_before is not None:
         result["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
+    if busy_before is not None:
+        result["cpu_busy_before"] = busy_before
     result["targets"] = [] if args.quick else report.evaluate_targets(result)
     md, js = report.write_reports(result, args.out, args.name or result["device"])
     print(f"wrote {md} and {js}")

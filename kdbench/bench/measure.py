@@ -81,6 +81,25 @@ def copy_bandwidth(device: str, nbytes: int | None = None, repeats: int = 5) -> 
     return {"GB/s": 2 * nbytes / best / 1e9, "bytes": 2 * nbytes, "best_s": best, "median_s": statistics.median(times)}
 
 
+def cpu_busy_fraction(seconds: float = 1.0) -> float | None:
+    """Share of all CPUs busy over ``seconds`` (from /proc/stat), while this process sleeps.
+
+    On a shared machine this is the load the measurement is about to compete with.
+    """
+    def snap() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = snap()
+        time.sleep(seconds)
+        total1, idle1 = snap()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1.0 - (idle1 - idle0) / max(1, total1 - total0)
+
+
 def _proc_status() -> dict[str, int] | None:
     try:
         with open("/proc/self/status") as f:

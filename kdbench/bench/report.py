@@ -155,6 +155,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"- load average (1, 5, 15 min) before the run: {', '.join(f'{x:.2f}' for x in load['before'])}; "
             f"after: {', '.join(f'{x:.2f}' for x in load['after'])}"
         )
+    if report.get("cpu_busy_before") is not None:
+        lines.append(f"- CPU busy (all cores, other processes) in the second before the run: {100 * report['cpu_busy_before']:.0f}%")
     lines += [
         "",
         f"Copy bandwidth measured in this run: **{bw['GB/s']:.1f} GB/s** (`copy_` of {_fmt_bytes(bw['bytes'] // 2)}, "

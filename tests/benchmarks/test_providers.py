@@ -185,6 +185,11 @@ def test_copy_bandwidth_is_positive():
     assert bw["GB/s"] > 0 and bw["bytes"] == 2 << 22
 
 
+def test_cpu_busy_fraction_is_a_fraction():
+    busy = measure.cpu_busy_fraction(0.2)
+    assert busy is None or 0.0 <= busy <= 1.0
+
+
 def test_peak_extra_memory_sees_an_allocation():
     nbytes = 64 << 20
 
