@@ -225,7 +225,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     result: dict[str, Any] = {
         "device": "cpu" if device == "cpu" else device_slug(device),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "command": "kdbench bench " + " ".join(argv),
+        "command": " ".join(["kdbench", "bench", *argv]),
         "kdbench_version": kdbench.__version__,
         "commit": _commit(),
         "quick": bool(args.quick),
