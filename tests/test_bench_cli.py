@@ -101,6 +101,23 @@ def test_failed_provider_gives_exit_status_1_after_writing(tmp_path, monkeypatch
     assert data["cases"][0]["results"]["torchmetrics"]["status"] == "wrong"
 
 
+def test_check_steps_fit_eight_minutes(tmp_path):
+    from kdbench.bench import check
+
+    assert sum(check.STEP_LIMITS.values()) <= 450
+    steps = check._steps(tmp_path, quick=False)
+    assert [name for name, _, _ in steps] == ["bench", "cuda-tests", "pytest-benchmarks"]
+    bench_cmd = steps[0][1]
+    assert bench_cmd[1:4] == ["-m", "kdbench", "bench"] and "--check" not in bench_cmd
+    tests_cmd, benchmarks_cmd = steps[1][1], steps[2][1]
+    assert tests_cmd is not None and "tests/test_calibration_kernel.py" in tests_cmd
+    assert benchmarks_cmd is not None and "--benchmark-only" in benchmarks_cmd
+    assert f"--benchmark-json={tmp_path / 'pytest-benchmark.json'}" in benchmarks_cmd
+    for name in check.CUDA_TESTS:  # every test path the check names exists
+        path = name.split("::")[0]
+        assert (check._repo_root() / path).exists(), path
+
+
 def test_device_slug():
     assert cli.device_slug("cpu") == "cpu"
 
