@@ -34,6 +34,9 @@ HEADLINE = (
     ("aurc", "AURC"),
     ("agreement", "Agree"),
 )
+# Shown where the dataset has a known Bayes posterior (gaussian): the calibration error
+# against the true P(y = pred | x), which the binned estimates only approximate.
+TRUE_CE = (("true_ce", "True CE"), ("true_ce_ts", "True CE (TS)"))
 BIN_FIELDS = ("bin_count", "bin_conf_sum", "bin_correct_sum")
 LEAD = ("dataset", "pair", "teacher", "student", "method", "seed", "role")
 
@@ -111,7 +114,8 @@ def markdown_tables(suite: Suite, rows: list[dict[str, Any]], missing: int) -> s
     out += [
         f"Mean ± sample std over seeds ({len(set(df['seed'])) if len(df) else 0} seeds); "
         "ECE: 15 equal-width bins; ECE (TS): after temperature scaling fitted on validation; "
-        "AdaECE: 15 equal-mass bins; Agree: top-1 agreement with the teacher.",
+        "AdaECE: 15 equal-mass bins; Agree: top-1 agreement with the teacher; "
+        "True CE (datasets with a known Bayes posterior): mean |confidence − P(y = prediction | x)|.",
         "",
     ]
     if missing:
@@ -122,6 +126,7 @@ def markdown_tables(suite: Suite, rows: list[dict[str, Any]], missing: int) -> s
         if not len(part):
             continue
         out += [f"## {dataset}", ""]
+        columns = HEADLINE + (TRUE_CE if part["true_ce"].notna().any() else ())
         body = []
         pairs = list(dict.fromkeys(part["pair"]))
         for pair in pairs:
@@ -133,9 +138,9 @@ def markdown_tables(suite: Suite, rows: list[dict[str, Any]], missing: int) -> s
                 model = g["teacher"].iloc[0] if role == "teacher" else g["student"].iloc[0]
                 body.append(
                     [pair.replace("->", " → "), method, model, len(g)]
-                    + [_mean_std(list(g[f])) for f, _ in HEADLINE]
+                    + [_mean_std(list(g[f])) for f, _ in columns]
                 )
-        out.append(tabulate(body, headers=["teacher → student", "method", "model", "n"] + [h for _, h in HEADLINE],
+        out.append(tabulate(body, headers=["teacher → student", "method", "model", "n"] + [h for _, h in columns],
                             tablefmt="pipe", disable_numparse=True))
         out.append("")
     return "\n".join(out) + "\n"
