@@ -89,6 +89,23 @@ def test_low_precision_within_one_rounding_of_the_float64_formula(divergence, dt
     assert_grad_close(x.grad, grad64, dtype)
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_sync_free_branches_equal_the_formula(divergence, monkeypatch, small_blocks):
+    """The branches taken on GPUs (no host checks: masks always applied) on the hard inputs."""
+    monkeypatch.setattr(kd_fused, "_host_checks", lambda device: False)
+    s, t, y = _inputs(7, 50, seed=23)
+    s[0, :3] = NEG_INF  # masks: student zeros, teacher zeros, shared zeros
+    t[1, :3] = NEG_INF
+    s[2, ::5], t[2, ::5] = NEG_INF, NEG_INF
+    y[3] = -100
+    s[3, 0] = float("nan")  # garbage in an ignored row
+    kw = dict(divergence=divergence, alpha=0.3, temperature=2.0, reduction="none")
+    assert_same(*both(s, t, y, seed=24, **kw))
+    t[4, 2] = POS_INF  # an undefined row is NaN on this side too
+    (loss, grad), _ = both(s, t, y, **kw)
+    assert torch.isnan(loss[4]) and torch.isnan(grad[4]).all() and not torch.isnan(loss[5])
+
+
 def test_ignored_rows_with_garbage_give_zero(small_blocks):
     s, t, y = _inputs(7, 50, seed=5)
     y[[0, 4]] = -100

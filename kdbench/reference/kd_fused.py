@@ -70,6 +70,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _host_checks(device: torch.device) -> bool:
+    """Whether data-dependent branches may ask the host (free on CPU, a sync on a GPU).
+
+    Where they may not, every branch takes its always-correct side (masks applied
+    unconditionally).  Tests switch this off on CPU to cover that side.
+    """
+    return device.type == "cpu"
+
+
 def rows_per_block(v: int, device: torch.device) -> int:
     """Rows processed together: enough to amortise op dispatch, few enough to stay in cache."""
     elems = CPU_BLOCK_ELEMS if device.type == "cpu" else DEVICE_BLOCK_ELEMS
@@ -127,12 +136,12 @@ def _masked_dot(
     ``e * d`` is already 0 where ``e == 0`` unless ``d`` is infinite there (a -inf
     logit): 0 * inf = NaN.  The plain sum is taken first and only rows that came out
     non-finite are summed again with the mask: masks are rare.  On CPU that costs R
-    scalars; elsewhere the masked sum is always computed (no host sync).
+    scalars; without host checks the masked sum is always computed (no sync).
     """
     torch.mul(e, d, out=tmp)
     rows = tmp.sum(-1)
     suspect = ~torch.isfinite(rows)
-    if e.device.type == "cpu":
+    if _host_checks(e.device):
         if bool(suspect.any()):
             idx = suspect.nonzero().squeeze(-1)
             rows[idx] = torch.where(e[idx] > 0, tmp[idx], 0.0).sum(-1)
@@ -153,7 +162,7 @@ def _k_grad(
     d.sub_(k[:, None])
     torch.mul(d, e, out=g)
     g.mul_(w)
-    if e.device.type != "cpu" or bool(suspect.any()):
+    if not _host_checks(e.device) or bool(suspect.any()):
         g.masked_fill_((e == 0) & suspect[:, None], 0.0)
 
 
@@ -230,7 +239,7 @@ def _block(
             g[torch.arange(g.shape[0], device=g.device), y] -= w
     undefined = undefined.squeeze(-1)
     rows.masked_fill_(undefined, float("nan"))
-    if g is not None and (g.device.type != "cpu" or bool(undefined.any())):
+    if g is not None and (not _host_checks(g.device) or bool(undefined.any())):
         g.masked_fill_(undefined[:, None], float("nan"))
     if counted is not None:
         rows.masked_fill_(~counted, 0.0)
@@ -335,7 +344,7 @@ class _FusedKD(torch.autograd.Function):
         go = grad_output.to(_compute_dtype(grad.dtype))
         if ctx.opts.reduction == "none":
             grad.mul_(go.reshape(-1, 1))
-        elif go.device.type != "cpu" or float(go) != 1.0:
+        elif not _host_checks(go.device) or float(go) != 1.0:
             # On CPU the common loss.backward() (grad_output == 1) skips a pass over memory.
             grad.mul_(go)
         return grad.reshape(student.shape), None, None, None
