@@ -195,7 +195,8 @@ def _case_table(case: dict[str, Any]) -> list[str]:
     lines = [f"## {case['title']}", "", head, "|" + " --- |" * (7 + len(mine))]
     for name, r in results.items():
         if r["status"] != "ok":
-            lines.append(f"| {name} | {r['status']}: {r.get('reason', '')} |" + " |" * (5 + len(mine)))
+            reason = " ".join(str(r.get("reason", "")).split()).replace("|", "/")  # one table cell
+            lines.append(f"| {name} | {r['status']}: {reason} |" + " |" * (5 + len(mine)))
             continue
         mem = _fmt_bytes(r.get("peak_extra_bytes"))
         if r.get("peak_over_grad") is not None:

@@ -231,7 +231,12 @@ def test_gpu_targets_unmeasured_without_their_shape():
 def test_reports_are_written_whole(tmp_path):
     data = {"device": "cpu", "date": "d", "command": "c", "kdbench_version": "v", "machine": {"cpu": "x"},
             "copy_bandwidth": {"GB/s": 10.0, "bytes": 2 << 20}, "cases": [], "targets": []}  # fmt: skip
+    case = _kd(device="cpu")
+    data["cases"] = [
+        {"title": case.title, "results": {"eager": {"status": "error", "reason": "RuntimeError: a | b\nline two"}}}
+    ]
     md, js = report.write_reports(data, tmp_path / "out", "cpu")
+    assert "| eager | error: RuntimeError: a / b line two |" in md.read_text()
     assert json.loads(js.read_text())["device"] == "cpu"
     assert md.read_text().startswith("# kdbench bench: cpu")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["cpu.json", "cpu.md"]
