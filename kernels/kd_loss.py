@@ -83,8 +83,8 @@ def _block_lse(x):
 
 @triton.jit
 def _p_log_ratio(p, log_p, log_q):
-    """p * (log p - log q), exactly 0 where p == 0."""
-    pos = p > 0
+    """p * (log p - log q), exactly 0 where p == 0 (a NaN p propagates: NaN != 0)."""
+    pos = p != 0
     return tl.where(pos, p * (tl.where(pos, log_p, 0.0) - tl.where(pos, log_q, 0.0)), 0.0)
 
 
@@ -151,11 +151,11 @@ def _soft_grad(
     if DIVERGENCE == 0:
         g = p_s - tl.exp(log_pt)
     elif DIVERGENCE == 1:
-        pos = p_s > 0
+        pos = p_s != 0
         g = tl.where(pos, p_s * (tl.where(pos, log_ps - log_pt, 0.0) - k_row), 0.0)
     else:
         log_m = _log_mixture(log_pt, log_ps, log_beta, log_1m_beta)
-        pos = p_s > 0
+        pos = p_s != 0
         g = (1.0 - beta) * tl.where(pos, p_s * (tl.where(pos, log_ps - log_m, 0.0) - k_row), 0.0)
     return g
 

@@ -25,22 +25,28 @@ DEFAULTS = dict(temperature=1.0, alpha=0.0, divergence="forward", beta=0.5, redu
 
 
 def oracle(student, teacher, labels=None, grad_output=None, **kw):
-    """Loss and dL/dz_s of the float64 reference on the same (already rounded) inputs."""
+    """Loss and dL/dz_s of the float64 autograd formula on the same (already rounded) inputs."""
     opts = {**DEFAULTS, **kw}
     s64 = student.detach().double().requires_grad_(True)
-    loss = reference.kd_loss(s64, teacher.detach().double(), labels, **opts)
+    loss = reference.kd_loss_autograd(s64, teacher.detach().double(), labels, **opts)
     go = torch.ones_like(loss) if grad_output is None else grad_output.double()
     (grad,) = torch.autograd.grad(loss, s64, go)
     return loss.detach(), grad
 
 
 def run(student, teacher, labels=None, grad_output=None, backend="torch", **kw):
-    """Loss and gradient of kdbench.kd_loss for one backend."""
-    s = student.detach().clone().requires_grad_(True)
-    loss = kdbench.kd_loss(s, teacher, labels, backend=backend, **kw)
-    go = torch.ones_like(loss) if grad_output is None else grad_output.to(loss.dtype)
+    """Loss and gradient of kdbench.kd_loss for one backend, returned on the CPU.
+
+    With a GPU present the triton backend runs on CUDA copies of the inputs (the
+    interpreter is off then); without one, on the CPU tensors through the interpreter.
+    """
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    s = student.detach().to(device).requires_grad_(True)
+    labels = labels.to(device) if labels is not None else None
+    loss = kdbench.kd_loss(s, teacher.to(device), labels, backend=backend, **kw)
+    go = torch.ones_like(loss) if grad_output is None else grad_output.to(device, loss.dtype)
     loss.backward(go)
-    return loss.detach(), s.grad
+    return loss.detach().cpu(), s.grad.cpu()
 
 
 def assert_grad_close(grad: torch.Tensor, grad64: torch.Tensor, dtype: torch.dtype) -> None:

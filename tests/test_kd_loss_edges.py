@@ -240,3 +240,17 @@ def test_cuda_rows_beyond_int32_offsets():
     last = slice(n - 2, n)
     ref = kdbench.kd_loss(s[last].float(), t[last].float(), backend="torch", reduction="none")
     torch.testing.assert_close(rows[last], ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("where", ["teacher_pos_inf", "student_pos_inf", "student_nan", "teacher_nan"])
+@pytest.mark.parametrize("v", V_CASES)
+def test_nan_or_pos_inf_logit_gives_nan_not_a_silent_number(v, where, divergence, backend):
+    """A NaN or +inf logit has no probability: the row's loss must say so (NaN), never 0."""
+    s, t = _inputs(2, v, seed=12)
+    model, value = where.split("_", 1)
+    (t if model == "teacher" else s)[0, 4] = float("nan") if value == "nan" else math.inf
+    loss, _ = run(s, t, backend=backend, divergence=divergence, temperature=2.0, reduction="none")
+    assert math.isnan(loss[0].item())
+    assert torch.isfinite(loss[1])

@@ -31,8 +31,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _p_log_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Elementwise ``p * (log p - log q)`` with ``0 * anything = 0`` (values and gradients)."""
-    pos = p > 0
+    """Elementwise ``p * (log p - log q)`` with ``0 * anything = 0`` (values and gradients).
+
+    ``p != 0`` rather than ``p > 0``: a NaN probability (a NaN or +inf logit) must
+    propagate to the loss, never be masked into a silent 0.
+    """
+    pos = p != 0
     diff = torch.where(pos, log_p, 0.0) - torch.where(pos, log_q, 0.0)
     return torch.where(pos, p * diff, 0.0)
 
