@@ -34,13 +34,18 @@ def oracle(student, teacher, labels=None, grad_output=None, **kw):
     return loss.detach(), grad
 
 
+def device_for(backend: str) -> str:
+    """Where a backend's tensors live in the tests: CUDA for triton when present, else CPU."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
 def run(student, teacher, labels=None, grad_output=None, backend="torch", **kw):
     """Loss and gradient of kdbench.kd_loss for one backend, returned on the CPU.
 
     With a GPU present the triton backend runs on CUDA copies of the inputs (the
     interpreter is off then); without one, on the CPU tensors through the interpreter.
     """
-    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    device = device_for(backend)
     s = student.detach().to(device).requires_grad_(True)
     labels = labels.to(device) if labels is not None else None
     loss = kdbench.kd_loss(s, teacher.to(device), labels, backend=backend, **kw)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kdbench
-from kd_helpers import BACKENDS, assert_grad_close, assert_loss_close, oracle, run
+from kd_helpers import BACKENDS, assert_grad_close, assert_loss_close, device_for, oracle, run
 
 NEG_INF = float("-inf")
 V_CASES = [37, 5000]  # one tile, streamed
@@ -149,7 +149,7 @@ def test_non_contiguous_inputs(v, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_teacher_receives_no_gradient(backend):
-    s, t = _inputs(2, 40)
+    s, t = (x.to(device_for(backend)) for x in _inputs(2, 40))
     s.requires_grad_(True)
     t.requires_grad_(True)
     kdbench.kd_loss(s, t, backend=backend, temperature=2.0).backward()
@@ -188,7 +188,8 @@ def test_int32_labels_accepted(backend):
 def test_no_grad_forward_matches(backend):
     s, t = _inputs(3, 5000, seed=11)
     with torch.no_grad():
-        plain = kdbench.kd_loss(s, t, backend=backend, divergence="reverse")
+        plain = kdbench.kd_loss(s.to(device_for(backend)), t.to(device_for(backend)), backend=backend,
+                                divergence="reverse").cpu()
     loss, _ = run(s, t, backend=backend, divergence="reverse")
     torch.testing.assert_close(plain, loss, rtol=1e-6, atol=1e-7)
 
@@ -202,7 +203,7 @@ def test_empty_batch(backend):
 
 
 def test_triton_double_backward_raises_instead_of_a_wrong_gradient():
-    s, t = _inputs(2, 30)
+    s, t = (x.to(device_for("triton")) for x in _inputs(2, 30))
     s.requires_grad_(True)
     loss = kdbench.kd_loss(s, t, backend="triton")
     loss.backward(retain_graph=True)
@@ -211,7 +212,7 @@ def test_triton_double_backward_raises_instead_of_a_wrong_gradient():
 
 
 def test_triton_gradient_accumulates_across_calls():
-    s, t = _inputs(2, 30)
+    s, t = (x.to(device_for("triton")) for x in _inputs(2, 30))
     s.requires_grad_(True)
     kdbench.kd_loss(s, t, backend="triton", temperature=2.0).backward()
     first = s.grad.clone()

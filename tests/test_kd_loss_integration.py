@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 
 import kdbench
-from kd_helpers import BACKENDS, oracle
+from kd_helpers import BACKENDS, device_for, oracle
 
 
 def test_kdloss_module_equals_functional():
@@ -27,9 +27,10 @@ def test_kdloss_module_equals_functional():
 def test_plain_training_loop_distils(backend):
     """A student fitted with KDLoss alone moves its predictions to the teacher's."""
     torch.manual_seed(0)
-    x = torch.randn(16, 8)  # few rows: the interpreter runs one program per row
-    teacher = torch.nn.Linear(8, 5)
-    student = torch.nn.Linear(8, 5)
+    dev = device_for(backend)
+    x = torch.randn(16, 8, device=dev)  # few rows: the interpreter runs one program per row
+    teacher = torch.nn.Linear(8, 5).to(dev)
+    student = torch.nn.Linear(8, 5).to(dev)
     loss_fn = kdbench.KDLoss(temperature=2.0, backend=backend)
     opt = torch.optim.SGD(student.parameters(), lr=1.0)
     with torch.no_grad():
@@ -49,13 +50,14 @@ def test_plain_training_loop_distils(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_training_step_matches_eager(backend):
     torch.manual_seed(0)
-    x = torch.randn(16, 6)
-    y = torch.randint(0, 7, (16,))
-    t_logits = torch.randn(16, 7)
+    dev = device_for(backend)
+    x = torch.randn(16, 6).to(dev)
+    y = torch.randint(0, 7, (16,)).to(dev)
+    t_logits = torch.randn(16, 7).to(dev)
 
     def make():
         torch.manual_seed(1)
-        return torch.nn.Linear(6, 7)
+        return torch.nn.Linear(6, 7).to(dev)
 
     def step(model, opt):
         opt.zero_grad()
@@ -102,5 +104,6 @@ def test_property_backends_agree_and_divergence_is_nonnegative(shape, seed, scal
     # float32 log-probabilities carry ~1e-7 * log(V) absolute error, which T^2 scales.
     atol = 1e-6 * temperature**2 * (1.0 + math.log(v))
     for backend in ("torch", "triton"):
-        out = kdbench.kd_loss(s, t, backend=backend, **kw)
+        dev = device_for(backend)
+        out = kdbench.kd_loss(s.to(dev), t.to(dev), backend=backend, **kw).cpu()
         torch.testing.assert_close(out.double(), loss64, rtol=1e-4, atol=atol)
