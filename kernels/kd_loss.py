@@ -196,8 +196,10 @@ def _kd_fwd_kernel(
     g_row = g_ptr + row * g_stride
     cols = tl.arange(0, BLOCK)
 
-    counted = True
-    label = 0
+    # Tensors from the start (not Python bools / ints), so that masks and selects see
+    # the same types whether or not HAS_LABELS is set.
+    counted = tl.full([], 1, tl.int1)
+    label = tl.zeros([], tl.int64)
     if HAS_LABELS:
         label = tl.load(y_ptr + row)
         counted = label != ignore_index
