@@ -37,6 +37,8 @@ from typing import NamedTuple
 
 import torch
 
+# Logits per row block of calibration_rows: 2**20 float32 values (4 MiB) per temporary.
+_ROW_BLOCK_ELEMENTS = 1 << 20
 # Rows per chunk of the one-hot binning, times the number of bins: bounds the
 # temporary (chunk, M) float64 buffer to about 8 MiB.
 _ONE_HOT_ELEMENTS = 1 << 20
@@ -67,7 +69,24 @@ def calibration_rows(
     temperature: float = 1.0,
     ignore_index: int = -100,
 ) -> CalibrationRows:
-    """Per-row confidence, prediction, NLL and Brier of (N, C) logits and (N,) labels."""
+    """Per-row confidence, prediction, NLL and Brier of (N, C) logits and (N,) labels.
+
+    Rows are processed in blocks of about ``_ROW_BLOCK_ELEMENTS`` logits, so the (block, C)
+    temporaries stay bounded (and cache-sized on CPU) however large N is; rows are
+    independent, so the blocking does not change any value.
+    """
+    n, c = logits.shape
+    rows_per_block = max(1, _ROW_BLOCK_ELEMENTS // max(c, 1))
+    if n <= rows_per_block:
+        return _rows_block(logits, labels, temperature, ignore_index)
+    parts = [
+        _rows_block(logits[i : i + rows_per_block], labels[i : i + rows_per_block], temperature, ignore_index)
+        for i in range(0, n, rows_per_block)
+    ]
+    return CalibrationRows(*(torch.cat(field) for field in zip(*parts)))
+
+
+def _rows_block(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int) -> CalibrationRows:
     cdt = _compute_dtype(logits.dtype)
     c = logits.shape[-1]
     counted = labels != ignore_index
