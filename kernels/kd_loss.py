@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from kdbench.kernels._utils import as_rows, bf16_round_by_hand, cast_for_store, launch_config
+from kdbench.reference._common import reduce_rows
 
 FORWARD, REVERSE, JSD = 0, 1, 2
 _DIVERGENCE_CODE = {"forward": FORWARD, "reverse": REVERSE, "jsd": JSD}
@@ -395,12 +396,7 @@ class _KDLossFunction(torch.autograd.Function):
                 BLOCK=block,
                 num_warps=num_warps,
             )
-        if reduction == "none":
-            out = rows.reshape(lead)
-        elif reduction == "sum":
-            out = rows.sum()
-        else:
-            out = rows.sum() * inv_count
+        out = reduce_rows(rows, n_counted, reduction, lead)
         if compute_grad:
             ctx.save_for_backward(grad)
             ctx.lead = lead

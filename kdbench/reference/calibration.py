@@ -37,6 +37,8 @@ from typing import NamedTuple
 
 import torch
 
+from kdbench.reference._common import compute_dtype
+
 # Logits per row block of calibration_rows: 2**20 float32 values (4 MiB) per temporary.
 _ROW_BLOCK_ELEMENTS = 1 << 20
 # Rows per chunk of the one-hot binning, times the number of bins: bounds the
@@ -56,10 +58,6 @@ class CalibrationRows(NamedTuple):
     nll: torch.Tensor
     brier: torch.Tensor
     counted: torch.Tensor
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def calibration_rows(
@@ -87,7 +85,7 @@ def calibration_rows(
 
 
 def _rows_block(logits: torch.Tensor, labels: torch.Tensor, temperature: float, ignore_index: int) -> CalibrationRows:
-    cdt = _compute_dtype(logits.dtype)
+    cdt = compute_dtype(logits.dtype)
     c = logits.shape[-1]
     counted = labels != ignore_index
     in_range = (labels >= 0) & (labels < c)

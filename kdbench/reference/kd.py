@@ -23,11 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kdbench.reference._common import compute_dtype, reduce_rows
 from kdbench.reference.kd_fused import kd_loss_fused
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _p_log_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -65,7 +62,7 @@ def kd_row_losses(
     Returns ``(rows, counted)``: ``rows`` (N,) in float32 (float64 for float64 input),
     0 on ignored rows; ``counted`` (N,) bool.
     """
-    cdt = _compute_dtype(student.dtype)
+    cdt = compute_dtype(student.dtype)
     s = student.to(cdt)
     t = teacher.detach().to(cdt)
     n = s.shape[0]
@@ -168,9 +165,4 @@ def kd_loss_autograd(
         beta=beta,
         ignore_index=ignore_index,
     )
-    if reduction == "none":
-        return rows.reshape(lead)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    return total / counted.sum().clamp_min(1).to(total.dtype)
+    return reduce_rows(rows, counted.sum(), reduction, lead)

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kdbench.reference._common import compute_dtype, reduce_rows
+
 # Elements per work buffer.  CPU: 2**19 float32 (2 MB; 16 rows of a 32k vocabulary),
 # measured on 2 Xeon cores with 2 MB of L2 each: (2048, 32000) forward+backward took
 # 0.25-0.26 s from 2**17 to 2**20 elements, 0.28 s at 2**22 and 0.37 s at 2**24 (eager:
@@ -64,10 +66,6 @@ class _Opts:
     beta: float
     reduction: str
     ignore_index: int
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _host_checks(device: torch.device) -> bool:
@@ -261,7 +259,7 @@ def _forward(
     """
     n, v = s2.shape
     device = s2.device
-    cdt = _compute_dtype(s2.dtype)
+    cdt = compute_dtype(s2.dtype)
     counted = None
     if y is not None:
         counted = y != o.ignore_index
@@ -322,12 +320,7 @@ class _FusedKD(torch.autograd.Function):
             ctx.save_for_backward(student, teacher, labels)
             ctx.grad = grad
             ctx.opts = opts
-        if opts.reduction == "none":
-            return rows.reshape(lead)
-        total = rows.sum()
-        if opts.reduction == "sum":
-            return total
-        return total / n_counted.clamp_min(1).to(total.dtype)
+        return reduce_rows(rows, n_counted, opts.reduction, lead)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -341,7 +334,7 @@ class _FusedKD(torch.autograd.Function):
             v = student.shape[-1]
             y = labels.reshape(-1).long() if labels is not None else None
             _, _, grad = _forward(student.reshape(-1, v), teacher.reshape(-1, v), y, ctx.opts, True)
-        go = grad_output.to(_compute_dtype(grad.dtype))
+        go = grad_output.to(compute_dtype(grad.dtype))
         if ctx.opts.reduction == "none":
             grad.mul_(go.reshape(-1, 1))
         elif not _host_checks(go.device) or float(go) != 1.0:
