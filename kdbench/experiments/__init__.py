@@ -33,7 +33,7 @@ import torch
 from kdbench import __version__
 from kdbench.experiments.config import DEFAULT_RECIPES, Recipe, RunConfig, check_runnable
 from kdbench.experiments.datasets import DATASETS, Dataset, load_dataset
-from kdbench.experiments.evaluate import METRIC_FIELDS, RELIABILITY_FIELDS, evaluate_predictions, reliability_sums
+from kdbench.experiments.evaluate import METRIC_FIELDS, RELIABILITY_FIELDS, evaluate_predictions
 from kdbench.experiments.methods import METHODS, ensemble_logits, make_loss
 from kdbench.experiments.models import FAMILIES, build_model, count_parameters
 from kdbench.experiments.teachers import Teacher, default_cache_dir, get_teacher, teacher_configs
@@ -218,17 +218,15 @@ def _run(config: RunConfig, *, cache_dir: str | None, device: torch.device, prog
         progress=progress,
         label=f"student {config.student} {config.method} seed {config.seed}",
     )
-    student_test = predict(student, data.x_test)
     metrics = evaluate_predictions(
         predict(student, data.x_val),
         data.y_val,
-        student_test,
+        predict(student, data.x_test),
         data.y_test,
         posterior_test=data.posterior_test,
         teacher_test_logits=teacher_test,
     )
     record.update({f"student/{k}": v for k, v in metrics.items()})
-    record.update({f"student/{k}": v for k, v in reliability_sums(student_test, data.y_test).items()})
     record.update({
         "student/n_params": count_parameters(student),
         "student/train_seconds": result.seconds,
@@ -249,7 +247,6 @@ def _evaluate_teachers(teachers: list[Teacher], data: Dataset) -> tuple[dict[str
     )
     seconds = sum(t.train_seconds for t in teachers)
     samples = sum(t.train_seconds * t.samples_per_second for t in teachers)
-    out.update(reliability_sums(test, data.y_test))
     out["n_params"] = sum(count_parameters(t.model) for t in teachers)
     out["train_seconds"] = seconds
     out["train_samples_per_second"] = samples / seconds if seconds > 0 else None

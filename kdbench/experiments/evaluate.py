@@ -32,6 +32,8 @@ Fields (:data:`METRIC_FIELDS`, all floats; None where a field does not apply):
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 import kdbench
@@ -70,16 +72,6 @@ METRIC_FIELDS: tuple[str, ...] = (
 RELIABILITY_FIELDS: tuple[str, ...] = ("bin_count", "bin_conf_sum", "bin_correct_sum")
 
 
-def reliability_sums(test_logits: torch.Tensor, test_labels: torch.Tensor) -> dict[str, list[float]]:
-    """:data:`RELIABILITY_FIELDS` of (N, C) test logits: per-bin count, sum of confidence, sum of correct."""
-    stats = kdbench.calibration_stats(test_logits, test_labels, n_bins=N_BINS)
-    return {
-        "bin_count": stats.count.tolist(),
-        "bin_conf_sum": stats.conf_sum.tolist(),
-        "bin_correct_sum": stats.correct_sum.tolist(),
-    }
-
-
 def true_calibration_error(logits: torch.Tensor, posterior: torch.Tensor, temperature: float = 1.0) -> float:
     """``mean_i |conf_i - posterior_i[pred_i]|``: the calibration error against the true posterior.
 
@@ -108,8 +100,12 @@ def evaluate_predictions(
     *,
     posterior_test: torch.Tensor | None = None,
     teacher_test_logits: torch.Tensor | None = None,
-) -> dict[str, float | None]:
-    """Every field of :data:`METRIC_FIELDS` for one model, from its validation and test logits ``(N, C)``."""
+) -> dict[str, Any]:
+    """Every field of :data:`METRIC_FIELDS` for one model, from its validation and test logits ``(N, C)``.
+
+    Also :data:`RELIABILITY_FIELDS`, lists of the test split's per-bin sums (the same
+    statistics the ECE comes from).
+    """
     out: dict[str, float | None] = dict.fromkeys(METRIC_FIELDS)
     stats = kdbench.calibration_stats(test_logits, test_labels, n_bins=N_BINS)
     out["accuracy"] = stats.accuracy()
@@ -146,4 +142,7 @@ def evaluate_predictions(
     if teacher_test_logits is not None:
         out["agreement"] = metrics.agreement(teacher_test_logits, test_logits)
         out["predictive_kl"] = metrics.predictive_kl(teacher_test_logits, test_logits)
-    return {k: (None if v is None else float(v)) for k, v in out.items()}
+    fields: dict[str, Any] = {k: (None if v is None else float(v)) for k, v in out.items()}
+    fields.update(bin_count=stats.count.tolist(), bin_conf_sum=stats.conf_sum.tolist(),
+                  bin_correct_sum=stats.correct_sum.tolist())
+    return fields
