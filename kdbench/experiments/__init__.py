@@ -67,6 +67,7 @@ __all__ = [
     "build_model",
     "check_runnable",
     "default_cache_dir",
+    "load_config_dataset",
     "load_dataset",
     "record_rows",
     "run_experiment",
@@ -151,18 +152,23 @@ def run_experiment(
         return _run(config, cache_dir=cache_dir, device=dev, progress=say, threads=torch.get_num_threads())
 
 
-def _run(config: RunConfig, *, cache_dir: str | None, device: torch.device, progress: Progress | None,
-         threads: int) -> dict[str, Any]:
-    name = f"{config.dataset} {config.method} {config.teacher or '-'} -> {config.student} seed {config.seed}"
-    if progress is not None:
-        progress(f"[run] {name}")
-    data = load_dataset(
+def load_config_dataset(config: RunConfig) -> Dataset:
+    """The dataset ``config`` trains and evaluates on (CPU tensors, splits fixed by its data fields)."""
+    return load_dataset(
         config.dataset,
         data_dir=config.data_dir,
         data_seed=config.data_seed,
         dataset_size=config.dataset_size,
         val_fraction=config.val_fraction,
-    ).to(device)
+    )
+
+
+def _run(config: RunConfig, *, cache_dir: str | None, device: torch.device, progress: Progress | None,
+         threads: int) -> dict[str, Any]:
+    name = f"{config.dataset} {config.method} {config.teacher or '-'} -> {config.student} seed {config.seed}"
+    if progress is not None:
+        progress(f"[run] {name}")
+    data = load_config_dataset(config).to(device)
     spec = METHODS[config.method]
 
     record: dict[str, Any] = config.flat_dict()

@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from kdbench.experiments import load_dataset, run_experiment
+from kdbench.experiments import load_config_dataset, run_experiment
 from kdbench.experiments.teachers import TeacherConfig, get_teacher, teacher_configs
 from kdbench.experiments.train import deterministic
 from kdbench.sweep.store import read_record, write_record
@@ -152,9 +152,7 @@ def run_suite(
     detail = (lambda line: say(tag + line)) if verbose else None
     teachers = _distinct_teachers(todo)[dist.rank :: dist.world_size]
     for i, (tc, run) in enumerate(teachers, start=1):
-        c = run.config
-        data = load_dataset(c.dataset, data_dir=c.data_dir, data_seed=c.data_seed,
-                            dataset_size=c.dataset_size, val_fraction=c.val_fraction)
+        data = load_config_dataset(run.config)
         t0 = time.monotonic()
         with deterministic(num_threads):
             teacher = get_teacher(tc, data, cache_dir=cache_dir, device=dev, progress=detail)

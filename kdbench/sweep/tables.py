@@ -53,6 +53,11 @@ def _teacher_kind(run: Run) -> str:
     return "teacher:ce"
 
 
+def _teacher_key(run: Run) -> str:
+    """What identifies a run's teacher: the hashes of the teacher models it trains or loads."""
+    return "+".join(tc.config_hash() for tc in teacher_configs(run.config))
+
+
 def model_rows(found: list[tuple[Run, dict[str, Any]]]) -> list[dict[str, Any]]:
     """One row per evaluated model (teachers deduplicated per pair and seed)."""
     rows: list[dict[str, Any]] = []
@@ -62,8 +67,7 @@ def model_rows(found: list[tuple[Run, dict[str, Any]]]) -> list[dict[str, Any]]:
             row = {k: v for k, v in row.items() if k not in BIN_FIELDS}
             row["pair"] = run.pair
             if row["role"] == "teacher":
-                ident = "+".join(tc.config_hash() for tc in teacher_configs(run.config))
-                key = (run.config.dataset, run.pair, ident)
+                key = (run.config.dataset, run.pair, _teacher_key(run))
                 if key in seen:
                     continue
                 seen.add(key)
@@ -154,9 +158,8 @@ def _pooled_bins(found: list[tuple[Run, dict[str, Any]]], dataset: str, pair: st
         if run.config.dataset != dataset or run.pair != pair:
             continue
         entries = [(run.label, "student")]
-        kind = _teacher_kind(run)
-        ident = kind + "".join(tc.config_hash() for tc in teacher_configs(run.config))
-        if record.get("teacher/bin_count") is not None and kind == "teacher:ce" and ident not in seen:
+        ident = _teacher_key(run)
+        if record.get("teacher/bin_count") is not None and _teacher_kind(run) == "teacher:ce" and ident not in seen:
             seen.add(ident)
             entries.append(("teacher", "teacher"))
         for name, role in entries:
