@@ -85,23 +85,41 @@ class _Locator:
         self.path = path
         self.lines = text.splitlines()
 
-    def line(self, table: str | None, index: int | None = None, key: str | None = None) -> int:
-        current, count, best = None, {}, 1
+    def _scan(self):
+        """Each line as (number, text, header name or None, current table, its index among same-named tables)."""
+        current, count = None, {}
         for no, raw in enumerate(self.lines, start=1):
             m = self._header.match(raw)
             if m:
                 current = m.group(2)
                 count[current] = count.get(current, -1) + 1
-                if table == current and (index is None or index == count[current]):
+            yield no, raw, (m.group(2) if m else None), current, count.get(current)
+
+    def _inside(self, current: str | None, at: int | None, table: str | None, index: int | None) -> bool:
+        return current == table and (index is None or at == index)
+
+    def line(self, table: str | None, index: int | None = None, key: str | None = None) -> int:
+        best = 1
+        for no, raw, header, current, at in self._scan():
+            if header is not None:
+                if self._inside(current, at, table, index):
                     best = no
-                if table is None and key == current:
+                if table is None and key == header:
                     return no
-                continue
-            in_table = current == table and (index is None or count.get(current) == index)
-            if table is None and current is None or in_table:
-                if key is not None and re.match(rf"^\s*{re.escape(key)}\s*=", raw):
+            elif self._inside(current, at, table, index) and key is not None:
+                if re.match(rf"^\s*{re.escape(key)}\s*=", raw):
                     return no
         return best
+
+    def keys(self, table: str, index: int | None) -> set[str]:
+        """The keys set directly in that table."""
+        found = set()
+        for _, raw, header, current, at in self._scan():
+            if header is None and self._inside(current, at, table, index):
+                k = re.match(r"^\s*([A-Za-z0-9_\-]+)\s*=", raw)
+                if k:
+                    found.add(k.group(1))
+        return found
 
     def error(self, table: str | None, index: int | None, key: str, message: str) -> SuiteError:
         top = key.split(".")[0] if key else None
@@ -132,24 +150,9 @@ def _config(loc: _Locator, fields: dict[str, Any], sources: list[tuple[str, int 
         text = message.split(":", 1)[1].strip() if ":" in message else message
         top = key.split(".")[0]
         for table, index in sources:  # the most specific table that set this key
-            if _SUITE_KEY.get((table, top), top) in loc_keys(loc, table, index):
+            if _SUITE_KEY.get((table, top), top) in loc.keys(table, index):
                 raise loc.error(table, index, key, text) from None
         raise loc.error(*sources[0], key, text) from None
-
-
-def loc_keys(loc: _Locator, table: str, index: int | None) -> set[str]:
-    keys, current, count = set(), None, {}
-    for raw in loc.lines:
-        m = _Locator._header.match(raw)
-        if m:
-            current = m.group(2)
-            count[current] = count.get(current, -1) + 1
-            continue
-        if current == table and (index is None or count.get(current) == index):
-            k = re.match(r"^\s*([A-Za-z0-9_\-]+)\s*=", raw)
-            if k:
-                keys.add(k.group(1))
-    return keys
 
 
 def load_suite(path: str | Path) -> Suite:
