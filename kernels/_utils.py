@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kdbench._checks import interpreter_on
+
 # A tile this wide holds a row's worth of fp32 lanes in registers across 8-16 warps;
 # wider rows stream through tiles of this size.
 MAX_BLOCK = 4096
@@ -42,9 +44,7 @@ def bf16_round_by_hand(dtype: torch.dtype) -> bool:
     nearest-even (the GPU's cvt.rn does round), which would add up to one extra ulp
     of error under test. Only the interpreter takes this path.
     """
-    import os
-
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return dtype == torch.bfloat16 and interpreter_on()
 
 
 @triton.jit
