@@ -3,15 +3,16 @@
 Design
 ------
 Each program owns a fixed run of ``rows_per_prog`` rows (a whole number of row blocks
-of BLOCK_N rows) and streams every row of a block through BLOCK_C-wide column tiles,
-so any C fits (rows wider than a tile stream; C up to 262,144 and beyond is tested).
-Per row and tile, with x = z * (1 / T) in float32:
+of BLOCK_N rows).  With x = z * (1 / T) in float32, per row it finds the max m, the
+lowest-index argmax, S' = sum_{k != y} e^(x_k - m) and Q' = sum_{k != y} e^(2 (x_k - m)):
 
-* the tile's max and its lowest-index argmax (``tl.max(..., return_indices=True)``,
-  ties to the left) update the row's running max m and argmax (strictly greater
-  wins, so the earliest column keeps a tie);
-* S' = sum_{k != y} e^(x_k - m) and Q' = sum_{k != y} e^(2 (x_k - m)) are rescaled
-  by e^(m_old - m_new) (squared for Q') when m grows: one exp per element.
+* a row that fits one BLOCK_C-wide tile is reduced directly (max with its
+  lowest-index argmax, then the two sums: one exp per element);
+* a wider row streams through tiles (any C: 262,144 and beyond is tested), each lane
+  keeping its own running max, first argmax and rescaled S', Q' with one exp per
+  element; the lanes are merged once per row.  No cross-lane reduction sits in the
+  loop (five per tile would serialise a 16-warp program on barriers), and the loop is
+  software-pipelined (``STREAM_STAGES`` tiles in flight).
 
 After the stream, with e_y = e^(x_y - m) from one gathered load and S = S' + e_y:
 
@@ -58,6 +59,9 @@ _TILE = 4096
 _MAX_PROGRAMS = 1024
 # Slots per program in the partial-sum buffer: count, conf_sum, correct_sum, nll_sum, brier_sum.
 _SLOTS = 5
+# Column tiles in flight when a row streams (cp.async on Hopper), so that the tile
+# reductions overlap the next tiles' loads; not tuned on a GPU (see kd_loss.py).
+STREAM_STAGES = 3
 
 
 @triton.jit
@@ -65,6 +69,89 @@ def _log1p(u):
     """log(1 + u), accurate for tiny u (Goldberg's trick: the rounding of 1 + u cancels)."""
     w = 1.0 + u
     return tl.where(w == 1.0, u, tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0)))
+
+
+@triton.jit
+def _load_tile(
+    row_ptr,  # (BLOCK_N,) pointers to the rows
+    counted,  # (BLOCK_N,) rows to read
+    cols,  # (BLOCK_C,) column indices
+    C,
+    inv_t,
+):
+    """x = z / T for one tile, NaN / +inf replaced by -inf, and where they were."""
+    mask = counted[:, None] & (cols[None, :] < C)
+    x = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+    broken = (x != x) | (x == float("inf"))
+    return tl.where(broken, float("-inf"), x), broken
+
+
+@triton.jit
+def _row_stats_one_tile(
+    row_ptr,  # (BLOCK_N,) pointers to the rows
+    counted,  # (BLOCK_N,) rows to read
+    safe_label,  # (BLOCK_N,) label column, 0 for rows not counted
+    C,
+    inv_t,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """(m, argmax, S', Q', bad) of rows that fit one tile: direct reductions."""
+    cols = tl.arange(0, BLOCK_C)
+    x, broken = _load_tile(row_ptr, counted, cols, C, inv_t)
+    bad = tl.max(broken.to(tl.int32), axis=1)
+    m, arg = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    e = tl.exp(x - m_safe[:, None])
+    e = tl.where(cols[None, :] == safe_label[:, None], 0.0, e)
+    return m, arg.to(tl.int64), tl.sum(e, axis=1), tl.sum(e * e, axis=1), bad
+
+
+@triton.jit
+def _row_stats_streamed(
+    row_ptr,  # (BLOCK_N,) pointers to the rows
+    counted,  # (BLOCK_N,) rows to read
+    safe_label,  # (BLOCK_N,) label column, 0 for rows not counted
+    C,
+    inv_t,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """(m, argmax, S', Q', bad) of rows wider than a tile.
+
+    Every lane keeps its own running max, first argmax, S' and Q' over the columns it
+    sees, so the loop has no cross-lane reduction (one per row at the end instead of
+    five per tile), and one exp per element: e = exp(min(x, m) - max(x, m)) rescales
+    either the old sums (x is the new max) or the new term.  The row's argmax is the
+    lowest column among the lanes holding the row max: each lane's is its earliest.
+    """
+    c_off = tl.arange(0, BLOCK_C)
+    m_l = tl.full([BLOCK_N, BLOCK_C], float("-inf"), tl.float32)
+    arg_l = tl.zeros([BLOCK_N, BLOCK_C], tl.int32)
+    s_l = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    q_l = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+    bad_l = tl.zeros([BLOCK_N, BLOCK_C], tl.int32)
+    for c0 in tl.range(0, C, BLOCK_C, num_stages=NUM_STAGES):
+        cols = c0 + c_off
+        x, broken = _load_tile(row_ptr, counted, cols, C, inv_t)
+        bad_l = tl.maximum(bad_l, broken.to(tl.int32))
+        w = tl.where(cols[None, :] == safe_label[:, None], 0.0, 1.0)  # the label is not in S', Q'
+        grew = x > m_l
+        m_new = tl.maximum(m_l, x)
+        e = tl.exp(tl.minimum(m_l, x) - tl.where(m_new == float("-inf"), 0.0, m_new))
+        e2 = e * e
+        s_l = tl.where(grew, s_l * e + w, s_l + w * e)
+        q_l = tl.where(grew, q_l * e2 + w, q_l + w * e2)
+        arg_l = tl.where(grew, cols[None, :], arg_l)
+        m_l = m_new
+    m = tl.max(m_l, axis=1)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    arg = tl.min(tl.where(m_l == m[:, None], arg_l, C), axis=1)
+    scale = tl.exp(m_l - m_safe[:, None])
+    s_rest = tl.sum(s_l * scale, axis=1)
+    q_rest = tl.sum(q_l * (scale * scale), axis=1)
+    return m, arg.to(tl.int64), s_rest, q_rest, tl.max(bad_l, axis=1)
 
 
 @triton.jit
@@ -86,10 +173,11 @@ def _calibration_kernel(
     BLOCK_N: tl.constexpr,  # rows per block
     BLOCK_C: tl.constexpr,  # columns per tile
     BINS_PAD: tl.constexpr,  # next power of two >= M
+    SINGLE_TILE: tl.constexpr,  # C <= BLOCK_C: a row is one tile
+    NUM_STAGES: tl.constexpr,  # software-pipelining depth of the column loop
 ):
     pid = tl.program_id(0).to(tl.int64)
     r_off = tl.arange(0, BLOCK_N)
-    c_off = tl.arange(0, BLOCK_C)
     slots = tl.arange(0, BINS_PAD)
     acc_count = tl.zeros([BINS_PAD], tl.float64)
     acc_conf = tl.zeros([BINS_PAD], tl.float64)
@@ -106,28 +194,12 @@ def _calibration_kernel(
         safe_label = tl.where(label_ok & counted, label, 0)
         row_ptr = x_ptr + rows * x_stride
 
-        m = tl.full([BLOCK_N], float("-inf"), tl.float32)
-        arg = tl.zeros([BLOCK_N], tl.int64)
-        s_rest = tl.zeros([BLOCK_N], tl.float32)  # sum over k != y of e^(x_k - m)
-        q_rest = tl.zeros([BLOCK_N], tl.float32)  # sum over k != y of e^(2 (x_k - m))
-        bad = tl.zeros([BLOCK_N], tl.int32)
-        for c0 in range(0, C, BLOCK_C):
-            cols = c0 + c_off
-            mask = counted[:, None] & (cols[None, :] < C)
-            x = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-            broken = (x != x) | (x == float("inf"))
-            bad = tl.maximum(bad, tl.max(broken.to(tl.int32), axis=1))
-            x = tl.where(broken, float("-inf"), x)
-            t_max, t_arg = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            arg = tl.where(t_max > m, c0 + t_arg.to(tl.int64), arg)
-            m_new = tl.maximum(m, t_max)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            scale = tl.exp(m - m_safe)
-            e = tl.exp(x - m_safe[:, None])
-            e = tl.where(cols[None, :] == safe_label[:, None], 0.0, e)
-            s_rest = s_rest * scale + tl.sum(e, axis=1)
-            q_rest = q_rest * (scale * scale) + tl.sum(e * e, axis=1)
-            m = m_new
+        if SINGLE_TILE:
+            m, arg, s_rest, q_rest, bad = _row_stats_one_tile(row_ptr, counted, safe_label, C, inv_t, BLOCK_N, BLOCK_C)
+        else:
+            m, arg, s_rest, q_rest, bad = _row_stats_streamed(
+                row_ptr, counted, safe_label, C, inv_t, BLOCK_N, BLOCK_C, NUM_STAGES
+            )
 
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         x_y = tl.load(row_ptr + safe_label, mask=counted, other=0.0).to(tl.float32) * inv_t
@@ -189,6 +261,8 @@ def launch_plan(n: int, c: int, n_bins: int) -> dict[str, int]:
         "num_warps": num_warps,
         "programs": programs,
         "rows_per_prog": per_prog * block_n,
+        "SINGLE_TILE": int(c <= block_c),
+        "NUM_STAGES": STREAM_STAGES if c > block_c else 1,
     }
 
 
@@ -244,6 +318,8 @@ def calibration_sums_triton(
             BLOCK_N=plan["BLOCK_N"],
             BLOCK_C=plan["BLOCK_C"],
             BINS_PAD=plan["BINS_PAD"],
+            SINGLE_TILE=bool(plan["SINGLE_TILE"]),
+            NUM_STAGES=plan["NUM_STAGES"],
             num_warps=plan["num_warps"],
         )
     total = part.sum(dim=0)  # fixed-order reduction over programs

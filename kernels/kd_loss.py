@@ -16,6 +16,23 @@ One program per row (N rows of V logits).  Each program
    large logsumexps).
 
 A row that fits one tile (V <= BLOCK) is read once: all passes run on registers.
+
+Memory traffic of a streamed row (V > BLOCK): pass 1 reads both rows, the gradient
+pass reads them again and writes the gradient (plus one more read for reverse KL and
+JSD), against a minimum of one read and one write.  What narrows the gap:
+
+* each pass walks the row in the opposite direction to the one before, so it starts
+  on the tiles just read, which are the likeliest to still be in L2 (a 128256-wide
+  bf16 row pair is 0.5 MB; 132 rows in flight roughly fill an H200's 60 MB of L2);
+* the last pass loads and stores with ``evict_first``: its data is dead afterwards
+  and should not push out rows that other programs will read again;
+* the streaming loops are software-pipelined (``STREAM_STAGES`` tiles in flight,
+  cp.async on Hopper): a single tile per loop iteration is too few bytes in flight
+  to cover DRAM latency with one 16-warp program per SM.
+
+Exps per element: one per online logsumexp update (see _online_update) and two in
+the gradient pass, four in all for the forward KL (Hopper's MUFU does 16 per clock per
+SM, so at bf16 the exps take about as long as the memory traffic: every one counts).
 Zero probabilities (-inf logits) contribute exactly 0 to loss and gradient.
 Ignored rows (label == ignore_index) load nothing, write a zero gradient and a
 zero loss.  Row offsets are int64, so N * V beyond 2**31 is fine.
@@ -30,6 +47,8 @@ Limits
 * Last dim must be contiguous (other strides are copied once); leading dims may be
   strided.  Logits float32/float16/bfloat16; all arithmetic in float32.
 * One row per program: tiny V with huge N under-uses a GPU (still correct).
+* Block size, warps and ``STREAM_STAGES`` are reasoned, not tuned: no GPU has timed
+  this kernel yet (``kdbench bench`` on CUDA reports a stages sweep for that).
 * The gradient buffer is scaled in place by backward, so backward through the same
   graph twice (``retain_graph=True``) raises instead of returning a wrong gradient.
 * Out-of-range labels on CUDA are not checked on the host (that needs a sync): the
@@ -44,121 +63,16 @@ import torch
 import triton
 import triton.language as tl
 
+from kdbench.kernels._kd_math import _block_lse, _lanes_lse, _online_update, _row_terms, _soft_grad, _tile_start
 from kdbench.kernels._utils import as_rows, bf16_round_by_hand, cast_for_store, launch_config
 from kdbench.reference._common import reduce_rows
 
 FORWARD, REVERSE, JSD = 0, 1, 2
 _DIVERGENCE_CODE = {"forward": FORWARD, "reverse": REVERSE, "jsd": JSD}
-NEG_INF = float("-inf")
-
-
-@triton.jit
-def _online_update(m, s, x):
-    """Per-lane online logsumexp state (m, s) after seeing x (any may be -inf)."""
-    m_new = tl.maximum(m, x)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s_new = s * tl.exp(m - m_safe) + tl.exp(x - m_safe)
-    return m_new, s_new
-
-
-@triton.jit
-def _lanes_lse(m, s):
-    """Merge per-lane (m, s) into the row's logsumexp, returned as (shift, log-sum).
-
-    logsumexp = shift + log-sum; keeping the two apart lets callers form
-    log p = (x - shift) - log-sum, exact even for logits of 1e4 (x - shift is exact).
-    """
-    m_row = tl.max(m, axis=0)
-    m_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
-    s_row = tl.sum(s * tl.exp(m - m_safe), axis=0)
-    return m_safe, tl.log(s_row)
-
-
-@triton.jit
-def _block_lse(x):
-    """logsumexp of a whole tile as (shift, log-sum); see _lanes_lse."""
-    m = tl.max(x, axis=0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    return m_safe, tl.log(tl.sum(tl.exp(x - m_safe), axis=0))
-
-
-@triton.jit
-def _p_log_ratio(p, log_p, log_q):
-    """p * (log p - log q), exactly 0 where p == 0 (a NaN p propagates: NaN != 0)."""
-    pos = p != 0
-    return tl.where(pos, p * (tl.where(pos, log_p, 0.0) - tl.where(pos, log_q, 0.0)), 0.0)
-
-
-@triton.jit
-def _log_mixture(log_pt, log_ps, log_beta, log_1m_beta):
-    """log(beta p_t + (1 - beta) p_s), -inf where both are zero."""
-    x = log_pt + log_beta
-    y = log_ps + log_1m_beta
-    hi = tl.maximum(x, y)
-    lo = tl.minimum(x, y)
-    hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
-    return tl.where(hi == float("-inf"), float("-inf"), hi_safe + tl.log(1.0 + tl.exp(lo - hi_safe)))
-
-
-@triton.jit
-def _row_terms(
-    a,  # (BLOCK,) student logits / T, -inf padded
-    b,  # (BLOCK,) teacher logits / T, -inf padded
-    m_a,  # student shift; logsumexp(a) = m_a + ls_a
-    ls_a,
-    m_b,  # teacher shift; logsumexp(b) = m_b + ls_b
-    ls_b,
-    beta,
-    log_beta,
-    log_1m_beta,
-    DIVERGENCE: tl.constexpr,
-):
-    """Per-element (loss term, K term) where K is the row scalar the gradient needs."""
-    log_ps = (a - m_a) - ls_a
-    log_pt = (b - m_b) - ls_b
-    p_s = tl.exp(log_ps)
-    p_t = tl.exp(log_pt)
-    if DIVERGENCE == 0:
-        loss = _p_log_ratio(p_t, log_pt, log_ps)
-        k = loss
-    elif DIVERGENCE == 1:
-        loss = _p_log_ratio(p_s, log_ps, log_pt)
-        k = loss
-    else:
-        log_m = _log_mixture(log_pt, log_ps, log_beta, log_1m_beta)
-        k = _p_log_ratio(p_s, log_ps, log_m)
-        loss = beta * _p_log_ratio(p_t, log_pt, log_m) + (1.0 - beta) * k
-    return loss, k
-
-
-@triton.jit
-def _soft_grad(
-    a,  # (BLOCK,) student logits / T
-    b,  # (BLOCK,) teacher logits / T
-    m_a,
-    ls_a,
-    m_b,
-    ls_b,
-    k_row,  # KL(p_s || p_t) (reverse) or KL(p_s || M) (jsd); unused for forward
-    beta,
-    log_beta,
-    log_1m_beta,
-    DIVERGENCE: tl.constexpr,
-):
-    """d divergence / d a (multiply by 1/T for d / d z_s)."""
-    log_ps = (a - m_a) - ls_a
-    log_pt = (b - m_b) - ls_b
-    p_s = tl.exp(log_ps)
-    if DIVERGENCE == 0:
-        g = p_s - tl.exp(log_pt)
-    elif DIVERGENCE == 1:
-        pos = p_s != 0
-        g = tl.where(pos, p_s * (tl.where(pos, log_ps - log_pt, 0.0) - k_row), 0.0)
-    else:
-        log_m = _log_mixture(log_pt, log_ps, log_beta, log_1m_beta)
-        pos = p_s != 0
-        g = (1.0 - beta) * tl.where(pos, p_s * (tl.where(pos, log_ps - log_m, 0.0) - k_row), 0.0)
-    return g
+# Tiles in flight per streaming loop (cp.async into shared memory on Hopper): one
+# CTA per SM (16 warps) holds only one tile of loads otherwise, too few bytes in flight
+# to cover DRAM latency.  3 is Triton's default depth for Hopper; not tuned on a GPU.
+STREAM_STAGES = 3
 
 
 @triton.jit
@@ -188,6 +102,7 @@ def _kd_fwd_kernel(
     COMPUTE_GRAD: tl.constexpr,
     SCALE_GRAD: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr,  # V <= BLOCK: the row is read once
+    NUM_STAGES: tl.constexpr,  # software-pipelining depth of the streaming loops
     ROUND_BY_HAND: tl.constexpr,  # interpreter only: see bf16_round_by_hand
     BLOCK: tl.constexpr,
 ):
@@ -239,7 +154,8 @@ def _kd_fwd_kernel(
                 g += hard_w * (tl.exp((z - m_1) - ls_1) - tl.where(cols == safe_label, 1.0, 0.0))
         if COMPUTE_GRAD:
             g = tl.where(mask, g * gscale, 0.0)
-            tl.store(g_row + cols, cast_for_store(g, g_ptr.dtype.element_ty, ROUND_BY_HAND), mask=cols < V)
+            tl.store(g_row + cols, cast_for_store(g, g_ptr.dtype.element_ty, ROUND_BY_HAND), mask=cols < V,
+                     eviction_policy="evict_first")
     else:
         # ---- pass 1: per-lane online statistics --------------------------------
         m_a = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -248,8 +164,9 @@ def _kd_fwd_kernel(
         s_b = tl.zeros([BLOCK], tl.float32)
         m_1 = tl.full([BLOCK], float("-inf"), tl.float32)
         s_1 = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, V, BLOCK):
-            c = start + cols
+        n_tiles = tl.cdiv(V, BLOCK)
+        for i in tl.range(0, n_tiles, num_stages=NUM_STAGES):
+            c = i * BLOCK + cols
             mask = c < v_eff
             z = tl.load(s_row + c, mask=mask, other=float("-inf")).to(tl.float32)
             m_a, s_a = _online_update(m_a, s_a, z * inv_t)
@@ -270,8 +187,8 @@ def _kd_fwd_kernel(
         k_row = 0.0
         if HAS_SOFT and DIVERGENCE != 0:
             k_acc = tl.zeros([BLOCK], tl.float32)
-            for start in range(0, V, BLOCK):
-                c = start + cols
+            for i in tl.range(0, n_tiles, num_stages=NUM_STAGES):
+                c = _tile_start(i, n_tiles, True, BLOCK) + cols
                 mask = c < v_eff
                 a = tl.load(s_row + c, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
                 b = tl.load(t_row + c, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
@@ -282,14 +199,16 @@ def _kd_fwd_kernel(
 
         # ---- pass 3: gradient (and the forward-KL loss) ------------------------
         if COMPUTE_GRAD or (HAS_SOFT and DIVERGENCE == 0):
-            for start in range(0, V, BLOCK):
-                c = start + cols
+            # Walks the row against the previous pass: it starts on the tiles read last.
+            BACKWARDS: tl.constexpr = not (HAS_SOFT and DIVERGENCE != 0)
+            for i in tl.range(0, n_tiles, num_stages=NUM_STAGES):
+                c = _tile_start(i, n_tiles, BACKWARDS, BLOCK) + cols
                 mask = c < v_eff
-                z = tl.load(s_row + c, mask=mask, other=float("-inf")).to(tl.float32)
+                z = tl.load(s_row + c, mask=mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
                 a = z * inv_t
                 g = tl.zeros([BLOCK], tl.float32)
                 if HAS_SOFT:
-                    b = tl.load(t_row + c, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+                    b = tl.load(t_row + c, mask=mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32) * inv_t
                     if DIVERGENCE == 0:
                         terms, k_terms = _row_terms(a, b, m_a, ls_a, m_b, ls_b, beta, log_beta, log_1m_beta, DIVERGENCE)
                         loss_acc += terms
@@ -299,7 +218,8 @@ def _kd_fwd_kernel(
                     if HAS_HARD:
                         g += hard_w * (tl.exp((z - m_1) - ls_1) - tl.where(c == safe_label, 1.0, 0.0))
                     g = tl.where(mask, g * gscale, 0.0)
-                    tl.store(g_row + c, cast_for_store(g, g_ptr.dtype.element_ty, ROUND_BY_HAND), mask=c < V)
+                    tl.store(g_row + c, cast_for_store(g, g_ptr.dtype.element_ty, ROUND_BY_HAND), mask=c < V,
+                             eviction_policy="evict_first")
         loss = soft_w * tl.sum(loss_acc, axis=0)
 
     if HAS_HARD:
@@ -392,6 +312,7 @@ class _KDLossFunction(torch.autograd.Function):
                 COMPUTE_GRAD=compute_grad,
                 SCALE_GRAD=reduction == "batchmean",
                 SINGLE_BLOCK=v <= block,
+                NUM_STAGES=1 if v <= block else STREAM_STAGES,
                 ROUND_BY_HAND=bf16_round_by_hand(student.dtype),
                 BLOCK=block,
                 num_warps=num_warps,

@@ -127,13 +127,15 @@ def test_launch_plan_depends_only_on_the_problem():
 
 
 def test_kernel_ties_pick_the_lowest_index_across_tiles():
-    z = torch.zeros(3, 9000)
+    z = torch.zeros(5, 9000)
     z[0, [100, 4500, 8999]] = 5.0  # tie across tiles: 100
     z[1, [4097, 4096]] = 5.0  # tie inside the second tile: 4096
     z[2, :] = 1.0  # all equal: 0
-    y = torch.tensor([100, 4096, 0])
+    z[3, [4196, 8292]] = 5.0  # one lane of a 4096-wide tile sees both: 4196
+    z[4, [4196, 8242]] = 5.0  # a lower lane holds the later column: 4196
+    y = torch.tensor([100, 4096, 0, 4196, 4196])
     rows = calibration_rows(z.to(DEVICE), y.to(DEVICE), backend="triton")
-    assert rows.pred.cpu().tolist() == [100, 4096, 0]
+    assert rows.pred.cpu().tolist() == [100, 4096, 0, 4196, 4196]
     assert calibration_stats(z.to(DEVICE), y.to(DEVICE), backend="triton").accuracy() == 1.0
 
 
