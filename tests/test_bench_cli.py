@@ -28,6 +28,7 @@ def test_quick_run_writes_json_and_markdown(quick_report):
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["quick.json", "quick.md"]
     data = json.loads((out / "quick.json").read_text())
+    assert "tuning" not in data  # the pipelining sweep times the Triton kernels: CUDA only
     assert data["device"] == "cpu" and data["quick"] is True
     assert data["copy_bandwidth"]["GB/s"] > 0
     assert data["machine"]["torch"] == torch.__version__
@@ -125,3 +126,30 @@ def test_device_slug():
 def test_help_lists_the_command():
     out = subprocess.run([sys.executable, "-m", "kdbench", "--help"], capture_output=True, text=True, timeout=60)
     assert "bench" in out.stdout
+
+
+def test_tuning_sweep_is_added_to_the_written_report(tmp_path, monkeypatch):
+    """Where the Triton provider runs (CUDA; here the interpreter, let through), the sweep follows."""
+    from kdbench.bench import providers, tuning
+
+    real = providers.skip_reason
+    monkeypatch.setattr(providers, "skip_reason", lambda n, c: None if n == tuning.PROVIDER else real(n, c))
+    real_check = providers.Runner.check
+
+    def check(self, oracle):
+        if self.name == tuning.PROVIDER and tuning.knob_module(self.case).STREAM_STAGES == 3:
+            raise AssertionError("planted")
+        return real_check(self, oracle)
+
+    monkeypatch.setattr(providers.Runner, "check", check)
+    code = cli.main(["--quick", "--only", QUICK_CAL, "--no-memory", "--out", str(tmp_path), "--name", "t"])
+    assert code == 1  # a depth that fails its check fails the run, after writing
+    data = json.loads((tmp_path / "t.json").read_text())
+    (sweep,) = data["tuning"]
+    assert sweep["title"] == data["cases"][0]["title"]
+    assert {d: r["status"] for d, r in sweep["depths"].items()} == {"1": "ok", "2": "ok", "3": "wrong", "4": "ok"}
+    assert "## Pipelining depth (STREAM_STAGES): kdbench-triton, calibration_stats" in (tmp_path / "t.md").read_text()
+    monkeypatch.setattr(providers.Runner, "check", real_check)
+    assert cli.main(["--quick", "--only", QUICK_CAL, "--no-memory", "--no-tuning", "--out", str(tmp_path),
+                     "--name", "u"]) == 0  # fmt: skip
+    assert "tuning" not in json.loads((tmp_path / "u.json").read_text())

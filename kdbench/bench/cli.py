@@ -1,14 +1,17 @@
 """``kdbench bench``: the side-by-side comparisons at the headline shapes on this machine's device.
 
     kdbench bench [--device auto|cpu|cuda] [--out DIR] [--quick] [--repeats N] [--warmup N]
-                  [--only kd_loss|calibration_stats] [--threads N] [--no-memory] [--name NAME]
+                  [--only kd_loss|calibration_stats] [--threads N] [--no-memory] [--no-tuning]
+                  [--name NAME]
     kdbench bench --check [--out DIR] [--quick]
 
 The first form measures the device's copy bandwidth, then for each headline case
 checks every available provider against a float64 oracle, times them round-robin,
 measures each one's peak extra memory, and writes ``<out>/<name>.md`` and ``.json``
-(name: "cpu", or the GPU's name such as "h200").  It exits 1 if any provider failed
-its correctness check or raised, after writing the report.
+(name: "cpu", or the GPU's name such as "h200").  On CUDA it then sweeps the Triton
+kernels' pipelining depth (:mod:`kdbench.bench.tuning`) and rewrites the report with
+that table.  It exits 1 if any provider (or depth) failed its correctness check, or a
+provider raised, after writing the report.
 
 ``--check`` is the one prepared GPU command (see :mod:`kdbench.bench.check`).
 """
@@ -28,7 +31,7 @@ from typing import Any
 
 import torch
 
-from kdbench.bench import measure, providers, report
+from kdbench.bench import measure, providers, report, tuning
 from kdbench.bench.cases import CALIBRATION, KD_LOSS, Case, headline_cases
 
 DEFAULT_OUT = Path("results") / "bench"
@@ -45,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", choices=[KD_LOSS, CALIBRATION], action="append", help="restrict to these ops")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the CPUs this process may use)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument(
+        "--no-tuning", action="store_true", help="skip the pipelining-depth sweep of the Triton kernels (CUDA only)"
+    )
     p.add_argument("--check", action="store_true", help="the prepared GPU check: CUDA tests, benchmarks, this report")
     return p
 
@@ -238,8 +244,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if busy_before is not None:
         result["cpu_busy_before"] = busy_before
     result["targets"] = [] if args.quick else report.evaluate_targets(result)
-    md, js = report.write_reports(result, args.out, args.name or result["device"])
+    name = args.name or result["device"]
+    md, js = report.write_reports(result, args.out, name)
     print(f"wrote {md} and {js}")
+    tunable = [c for c in cases if providers.skip_reason(tuning.PROVIDER, c) is None]
+    if tunable and not args.no_tuning:
+        # After the report is on disk: a sweep cut short (time limit, crash) loses nothing above.
+        result["tuning"] = []
+        for case in tunable:
+            print(f"pipelining depth sweep: {case.title}")
+            result["tuning"].append(tuning.sweep(case, bw["GB/s"], repeats=repeats, warmup=args.warmup))
+        md, js = report.write_reports(result, args.out, name)
+        print(f"rewrote {md} and {js} with the sweep")
     for t in result["targets"]:
         state = {True: "met", False: "NOT MET", None: "not measured"}[t["met"]]
         print(f"target {t['name']}: {state}" + (f" ({t['value']:.3g})" if t["value"] is not None else ""))
@@ -248,6 +264,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         for c in out_cases
         for name, r in c["results"].items()
         if r["status"] in ("wrong", "error")
+    ]
+    failed += [
+        f"{c['case']['op']} {tuning.PROVIDER} at stages={depth}"
+        for c in result.get("tuning", [])
+        for depth, r in c["depths"].items()
+        if r["status"] == "wrong"
     ]
     if failed:
         print(f"kdbench bench: failed providers: {', '.join(failed)}", file=sys.stderr)

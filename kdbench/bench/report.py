@@ -177,6 +177,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     for case in report["cases"]:
         lines += _case_table(case)
+    for sweep in report.get("tuning", []):
+        lines += _tuning_table(sweep)
     lines += [
         "GB/s counts the minimum bytes (kd_loss: read both logit tensors, write the gradient; "
         "calibration_stats: read the logits and labels once). Speed-up = the provider's median time "
@@ -187,6 +189,21 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _status_cell(r: dict[str, Any]) -> str:
+    """'status: reason' of a result that was not timed, as one table cell."""
+    reason = " ".join(str(r.get("reason", "")).split()).replace("|", "/")
+    return f"{r['status']}: {reason}"
+
+
+def _timing_cells(r: dict[str, Any]) -> str:
+    """median ms | min ms | GB/s | % copy bw of a timed result."""
+    return f"{r['median_s'] * 1e3:.3f} | {r['min_s'] * 1e3:.3f} | {r['GB/s']:.1f} | {r['pct_copy_bw']:.1f}"
+
+
+def _errors_cell(r: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.1e}" for k, v in r.get("errors", {}).items())
+
+
 def _case_table(case: dict[str, Any]) -> list[str]:
     results = case["results"]
     mine = [p for p in ("kdbench-triton", "kdbench-torch") if results.get(p, {}).get("status") == "ok"]
@@ -195,18 +212,32 @@ def _case_table(case: dict[str, Any]) -> list[str]:
     lines = [f"## {case['title']}", "", head, "|" + " --- |" * (7 + len(mine))]
     for name, r in results.items():
         if r["status"] != "ok":
-            reason = " ".join(str(r.get("reason", "")).split()).replace("|", "/")  # one table cell
-            lines.append(f"| {name} | {r['status']}: {reason} |" + " |" * (5 + len(mine)))
+            lines.append(f"| {name} | {_status_cell(r)} |" + " |" * (5 + len(mine)))
             continue
         mem = _fmt_bytes(r.get("peak_extra_bytes"))
         if r.get("peak_over_grad") is not None:
             mem += f" ({r['peak_over_grad']:.2f}x grad)"
         speed = "".join(f"{r['median_s'] / results[p]['median_s']:.2f}x | " for p in mine)
-        err = ", ".join(f"{k} {v:.1e}" for k, v in r.get("errors", {}).items())
-        lines.append(
-            f"| {name} | {r['median_s'] * 1e3:.3f} | {r['min_s'] * 1e3:.3f} | {r['GB/s']:.1f} | "
-            f"{r['pct_copy_bw']:.1f} | {mem} | {speed}{err} |"
-        )
+        lines.append(f"| {name} | {_timing_cells(r)} | {mem} | {speed}{_errors_cell(r)} |")
+    lines.append("")
+    return lines
+
+
+def _tuning_table(sweep: dict[str, Any]) -> list[str]:
+    lines = [
+        f"## Pipelining depth (STREAM_STAGES): kdbench-triton, {sweep['title']}",
+        "",
+        f"Default in this run: {sweep['default']}. Each depth is checked against the float64 oracle, then timed "
+        "round-robin with the others.",
+        "",
+        "| stages | median ms | min ms | GB/s | % copy bw | max error vs float64 |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for depth, r in sweep["depths"].items():
+        if r["status"] != "ok":
+            lines.append(f"| {depth} | {_status_cell(r)} | | | | |")
+            continue
+        lines.append(f"| {depth} | {_timing_cells(r)} | {_errors_cell(r)} |")
     lines.append("")
     return lines
 
