@@ -3,9 +3,16 @@
 The interpreter runs the kernels' semantics on CPU but never lowers them, so a kernel
 can pass every CPU test and still fail to compile on a GPU.  Triton ships its NVIDIA
 backend (and ptxas) in the wheel, so the whole pipeline down to a cubin runs here.
-ptxas's resource report also guards against a streaming loop spilling its registers.
-The GPU machine runs an older Triton than CI: this catches most, not all, of what it
-would reject.
+ptxas's resource report also guards against a streaming loop spilling its registers,
+and the PTX, compiled with the alignment the runtime would see, shows whether tiles
+move as 128-bit loads and whether the streaming loops are software-pipelined.
+
+The GPU machine runs an older Triton (3.6) than CI.  To check against it, run this file
+as a script (it prints each case's problems as JSON, "" for none) in a virtualenv that
+shadows CI's Triton:
+
+    python -m venv --system-site-packages /tmp/t36 && /tmp/t36/bin/pip install triton==3.6.0
+    env -u TRITON_INTERPRET /tmp/t36/bin/python tests/test_kernels_compile.py
 """
 
 from __future__ import annotations
