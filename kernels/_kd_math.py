@@ -10,21 +10,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kdbench.kernels._utils import online_max_step
+
 
 @triton.jit
 def _online_update(m, s, x):
     """Per-lane online logsumexp state (m, s) after seeing x (any may be -inf).
 
-    One exp per element, not two: whichever of x and m is smaller is exponentiated
-    against the new max, so e = exp(-|x - m|) serves both cases (s * e + 1 when x is
-    the new max, s + e otherwise).  At ~4 exps per element the streamed loss is about
-    as MUFU-bound as it is memory-bound on Hopper, so the second exp would cost time.
+    One exp per element (see online_max_step).  At ~4 exps per element the streamed
+    loss is about as MUFU-bound as it is memory-bound on Hopper, so a second exp
+    would cost time.
     """
-    m_new = tl.maximum(m, x)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    e = tl.exp(tl.minimum(m, x) - m_safe)
-    s_new = tl.where(x > m, s * e + 1.0, s + e)
-    return m_new, s_new
+    m_new, e, grew = online_max_step(m, x)
+    return m_new, tl.where(grew, s * e + 1.0, s + e)
 
 
 @triton.jit

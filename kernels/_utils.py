@@ -61,3 +61,17 @@ def cast_for_store(
         return hi.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def online_max_step(m, x):
+    """One step of a running max with rescaling, for per-lane online sums of exp(x - max).
+
+    Returns (m_new, e, grew): m_new = max(m, x), grew = x > m, and e = exp(min(m, x) - m_new)
+    (0 where both are -inf).  A running sum s over exp(x_k - m) becomes
+    ``where(grew, s * e + 1, s + e)``: whichever of x and m is smaller is exponentiated
+    against the new max, so one exp per element serves both cases, not two.
+    """
+    m_new = tl.maximum(m, x)
+    e = tl.exp(tl.minimum(m, x) - tl.where(m_new == float("-inf"), 0.0, m_new))
+    return m_new, e, x > m

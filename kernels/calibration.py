@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdbench.kernels._utils import as_rows, launch_config
+from kdbench.kernels._utils import as_rows, launch_config, online_max_step
 from kdbench.reference.calibration import CalibrationRows
 
 MAX_BINS = 1024
@@ -59,8 +59,8 @@ _TILE = 4096
 _MAX_PROGRAMS = 1024
 # Slots per program in the partial-sum buffer: count, conf_sum, correct_sum, nll_sum, brier_sum.
 _SLOTS = 5
-# Column tiles in flight when a row streams (cp.async on Hopper), so that the tile
-# reductions overlap the next tiles' loads; not tuned on a GPU (see kd_loss.py).
+# Column tiles in flight when a row streams (cp.async on Hopper), so that the next
+# tiles' loads overlap this tile's arithmetic; not tuned on a GPU (see kd_loss.py).
 STREAM_STAGES = 3
 
 
@@ -122,9 +122,9 @@ def _row_stats_streamed(
 
     Every lane keeps its own running max, first argmax, S' and Q' over the columns it
     sees, so the loop has no cross-lane reduction (one per row at the end instead of
-    five per tile), and one exp per element: e = exp(min(x, m) - max(x, m)) rescales
-    either the old sums (x is the new max) or the new term.  The row's argmax is the
-    lowest column among the lanes holding the row max: each lane's is its earliest.
+    five per tile), and one exp per element (see online_max_step; Q' takes e squared).
+    The row's argmax is the lowest column among the lanes holding the row max: each
+    lane's is its earliest.
     """
     c_off = tl.arange(0, BLOCK_C)
     m_l = tl.full([BLOCK_N, BLOCK_C], float("-inf"), tl.float32)
@@ -137,14 +137,11 @@ def _row_stats_streamed(
         x, broken = _load_tile(row_ptr, counted, cols, C, inv_t)
         bad_l = tl.maximum(bad_l, broken.to(tl.int32))
         w = tl.where(cols[None, :] == safe_label[:, None], 0.0, 1.0)  # the label is not in S', Q'
-        grew = x > m_l
-        m_new = tl.maximum(m_l, x)
-        e = tl.exp(tl.minimum(m_l, x) - tl.where(m_new == float("-inf"), 0.0, m_new))
+        m_l, e, grew = online_max_step(m_l, x)
         e2 = e * e
         s_l = tl.where(grew, s_l * e + w, s_l + w * e)
         q_l = tl.where(grew, q_l * e2 + w, q_l + w * e2)
         arg_l = tl.where(grew, cols[None, :], arg_l)
-        m_l = m_new
     m = tl.max(m_l, axis=1)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     arg = tl.min(tl.where(m_l == m[:, None], arg_l, C), axis=1)
@@ -261,7 +258,7 @@ def launch_plan(n: int, c: int, n_bins: int) -> dict[str, int]:
         "num_warps": num_warps,
         "programs": programs,
         "rows_per_prog": per_prog * block_n,
-        "SINGLE_TILE": int(c <= block_c),
+        "SINGLE_TILE": c <= block_c,
         "NUM_STAGES": STREAM_STAGES if c > block_c else 1,
     }
 
@@ -318,7 +315,7 @@ def calibration_sums_triton(
             BLOCK_N=plan["BLOCK_N"],
             BLOCK_C=plan["BLOCK_C"],
             BINS_PAD=plan["BINS_PAD"],
-            SINGLE_TILE=bool(plan["SINGLE_TILE"]),
+            SINGLE_TILE=plan["SINGLE_TILE"],
             NUM_STAGES=plan["NUM_STAGES"],
             num_warps=plan["num_warps"],
         )

@@ -156,7 +156,7 @@ def _compile_everything() -> dict[str, str]:
                 "inv_t": "fp32", "ignore_index": "i32", "n_bins": "i32", "rows_per_prog": "i32",
             }  # fmt: skip
             consts = dict(BLOCK_N=plan["BLOCK_N"], BLOCK_C=plan["BLOCK_C"], BINS_PAD=plan["BINS_PAD"],
-                          SINGLE_TILE=bool(plan["SINGLE_TILE"]), NUM_STAGES=plan["NUM_STAGES"])
+                          SINGLE_TILE=plan["SINGLE_TILE"], NUM_STAGES=plan["NUM_STAGES"])
             # C a multiple of 16 (32000, 262144) lets the runtime specialise the row stride.
             aligned = ("x_ptr", "y_ptr") + (("x_stride", "C") if c % 16 == 0 else ())
             memory = (plan["NUM_STAGES"] > 1, 1) if c % 16 == 0 else None
