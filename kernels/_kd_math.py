@@ -1,8 +1,25 @@
-"""Per-element formulas of the fused distillation loss (``kd_loss.py``), in float32.
+"""Per-tile formulas and helpers of the fused distillation loss (``kd_loss.py``), in float32.
 
-Online logsumexp (one exp per element), logsumexp of a whole tile, the divergences'
-per-element terms and their gradients with respect to a = z_s / T, and the order in
-which a pass visits a row's tiles.  Zero probabilities give exactly zero terms.
+Also here: loading a work item, gathering a chunked row's workspace, and the kernel
+that scales a stored gradient by grad_output in backward.
+
+A tile is ROWS x BLOCK logits held in registers.  Row quantities are (ROWS,) vectors.
+With a = z_s / T and b = z_t / T:
+
+* local statistics of a tile: raw max m_z = max z (max commutes with the positive
+  scale 1/T) and e = exp((z - m_z) / T), whose sum is the tile's sum of exp;
+* merged statistics of a row (max M and sum S over all of its tiles) give each tile
+  the factor r = exp((m_z - M) / T) / S, so that p = e * r: one exp per element and
+  tensor, reused by the loss and the gradient;
+* log-probabilities are linear in the logits, log p = (z - M) / T - log S, exact for
+  large logits and finite where p underflows; a log-ratio such as log p_t - log p_s is
+  formed from the difference of the logits, so nothing cancels between two large
+  logsumexps.
+
+Zero probabilities: a term p * d with p == 0 is 0 even where d is infinite or NaN
+(a -inf logit on both sides): d is clamped from below at -BIG before the product,
+and ``max`` ignores NaN.  A NaN or +inf logit turns the row's sum of exp into NaN,
+which the caller turns into a NaN row loss (the clamp cannot hide it).
 """
 
 from __future__ import annotations
@@ -10,125 +27,102 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kdbench.kernels._utils import online_max_step
+from kdbench.kernels._tile_math import LOG2E, fast_log
+from kdbench.kernels._utils import cast_for_store
+
+# Below any finite log-ratio of float32 logits; p * (-BIG) is 0 for p == 0.
+BIG = tl.constexpr(3.0e38)
 
 
 @triton.jit
-def _online_update(m, s, x):
-    """Per-lane online logsumexp state (m, s) after seeing x (any may be -inf).
+def prob_factor(m_tile, m_row, s_row, scale):
+    """r with p = e * r for a tile whose e was taken against its own max ``m_tile``."""
+    return tl.exp2((m_tile - m_row) * (scale * LOG2E)) / s_row
 
-    One exp per element (see online_max_step).  At ~4 exps per element the streamed
-    loss is about as MUFU-bound as it is memory-bound on Hopper, so a second exp
-    would cost time.
+
+@triton.jit
+def plog(d):
+    """d clamped below at -BIG: p * plog(d) is 0 where p == 0, whatever d is there."""
+    return tl.maximum(d, -BIG)
+
+
+@triton.jit
+def jsd_log_ratios(ls, lt, p_s, p_t, beta, ub_s, ub_t, FAST_LOG: tl.constexpr):
+    """(log p_s - log M, log p_t - log M) for M = beta p_t + (1 - beta) p_s.
+
+    log M is taken from M itself (one log).  Where M underflows to 0 the ratios are
+    capped by their exact bounds, log p_s - log M <= -log(1 - beta) = ub_s and
+    log p_t - log M <= -log(beta) = ub_t, which only those underflowing entries reach.
     """
-    m_new, e, grew = online_max_step(m, x)
-    return m_new, tl.where(grew, s * e + 1.0, s + e)
+    log_m = fast_log(beta * p_t + (1.0 - beta) * p_s, FAST_LOG)
+    d_s = tl.minimum(plog(ls - log_m), ub_s)
+    d_t = tl.minimum(plog(lt - log_m), ub_t)
+    return d_s, d_t
 
 
 @triton.jit
-def _lanes_lse(m, s):
-    """Merge per-lane (m, s) into the row's logsumexp, returned as (shift, log-sum).
+def load_item(
+    rb, c, s_ptr, s_stride, t_ptr, t_stride, y_ptr, N, V, ignore_index,
+    HAS_LABELS: tl.constexpr, HAS_SOFT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Raw logits (ROWS, BLOCK) of chunk ``c`` of row block ``rb``, and its rows' labels.
 
-    logsumexp = shift + log-sum; keeping the two apart lets callers form
-    log p = (x - shift) - log-sum, exact even for logits of 1e4 (x - shift is exact).
+    Nothing is read for rows past the end or rows that do not count (-inf comes back).
     """
-    m_row = tl.max(m, axis=0)
-    m_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
-    s_row = tl.sum(s * tl.exp(m - m_safe), axis=0)
-    return m_safe, tl.log(s_row)
+    rows = rb.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    live = rows < N
+    if HAS_LABELS:
+        y = tl.load(y_ptr + rows, mask=live, other=ignore_index)
+        counted = live & (y != ignore_index)
+    else:
+        y = tl.zeros([ROWS], tl.int64)
+        counted = live
+    cols = c * BLOCK + tl.arange(0, BLOCK)
+    mask = counted[:, None] & (cols[None, :] < V)
+    z = tl.load(s_ptr + rows[:, None] * s_stride + cols[None, :], mask=mask, other=float("-inf"),
+                eviction_policy="evict_first")
+    zt = z
+    if HAS_SOFT:
+        zt = tl.load(t_ptr + rows[:, None] * t_stride + cols[None, :], mask=mask, other=float("-inf"),
+                     eviction_policy="evict_first")
+    return z, zt, y
 
 
 @triton.jit
-def _block_lse(x):
-    """logsumexp of a whole tile as (shift, log-sum); see _lanes_lse."""
-    m = tl.max(x, axis=0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    return m_safe, tl.log(tl.sum(tl.exp(x - m_safe), axis=0))
+def gather_chunks(ws_row, slot, R, live, CHUNKS_PAD: tl.constexpr, other: tl.constexpr):
+    """(ROWS, CHUNKS_PAD) values of one workspace slot over a row's chunks (L2, not L1:
+    other SMs wrote them)."""
+    ch = tl.arange(0, CHUNKS_PAD)
+    mask = live[:, None] & (ch[None, :] < R)
+    return tl.load(ws_row[:, None] + ch[None, :] * 8 + slot, mask=mask, other=other, cache_modifier=".cg")
 
 
 @triton.jit
-def _p_log_ratio(p, log_p, log_q):
-    """p * (log p - log q), exactly 0 where p == 0 (a NaN p propagates: NaN != 0)."""
-    pos = p != 0
-    return tl.where(pos, p * (tl.where(pos, log_p, 0.0) - tl.where(pos, log_q, 0.0)), 0.0)
+def splat(v, ROWS: tl.constexpr):
+    """A (1,) row value of a chunked row as a (ROWS,) = (1,) splat of its scalar."""
+    return tl.zeros([ROWS], tl.float32) + tl.sum(v, axis=0)
 
 
 @triton.jit
-def _log_mixture(log_pt, log_ps, log_beta, log_1m_beta):
-    """log(beta p_t + (1 - beta) p_s), -inf where both are zero."""
-    x = log_pt + log_beta
-    y = log_ps + log_1m_beta
-    hi = tl.maximum(x, y)
-    lo = tl.minimum(x, y)
-    hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
-    return tl.where(hi == float("-inf"), float("-inf"), hi_safe + tl.log(1.0 + tl.exp(lo - hi_safe)))
-
-
-@triton.jit
-def _row_terms(
-    a,  # (BLOCK,) student logits / T, -inf padded
-    b,  # (BLOCK,) teacher logits / T, -inf padded
-    m_a,  # student shift; logsumexp(a) = m_a + ls_a
-    ls_a,
-    m_b,  # teacher shift; logsumexp(b) = m_b + ls_b
-    ls_b,
-    beta,
-    log_beta,
-    log_1m_beta,
-    DIVERGENCE: tl.constexpr,
+def scale_grad_kernel(
+    g_ptr,  # (N, V) gradient, scaled in place
+    g_stride,  # elements between rows
+    go_ptr,  # (1,) or (N,) float32 grad_output
+    V,  # number of classes
+    PER_ROW: tl.constexpr,  # grad_output has one value per row (reduction="none")
+    ROUND_BY_HAND: tl.constexpr,  # interpreter only: see bf16_round_by_hand
+    BLOCK: tl.constexpr,
 ):
-    """Per-element (loss term, K term) where K is the row scalar the gradient needs."""
-    log_ps = (a - m_a) - ls_a
-    log_pt = (b - m_b) - ls_b
-    p_s = tl.exp(log_ps)
-    p_t = tl.exp(log_pt)
-    if DIVERGENCE == 0:
-        loss = _p_log_ratio(p_t, log_pt, log_ps)
-        k = loss
-    elif DIVERGENCE == 1:
-        loss = _p_log_ratio(p_s, log_ps, log_pt)
-        k = loss
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    if PER_ROW:
+        go = tl.load(go_ptr + row)
     else:
-        log_m = _log_mixture(log_pt, log_ps, log_beta, log_1m_beta)
-        k = _p_log_ratio(p_s, log_ps, log_m)
-        loss = beta * _p_log_ratio(p_t, log_pt, log_m) + (1.0 - beta) * k
-    return loss, k
-
-
-@triton.jit
-def _soft_grad(
-    a,  # (BLOCK,) student logits / T
-    b,  # (BLOCK,) teacher logits / T
-    m_a,
-    ls_a,
-    m_b,
-    ls_b,
-    k_row,  # KL(p_s || p_t) (reverse) or KL(p_s || M) (jsd); unused for forward
-    beta,
-    log_beta,
-    log_1m_beta,
-    DIVERGENCE: tl.constexpr,
-):
-    """d divergence / d a (multiply by 1/T for d / d z_s)."""
-    log_ps = (a - m_a) - ls_a
-    log_pt = (b - m_b) - ls_b
-    p_s = tl.exp(log_ps)
-    if DIVERGENCE == 0:
-        g = p_s - tl.exp(log_pt)
-    elif DIVERGENCE == 1:
-        pos = p_s != 0
-        g = tl.where(pos, p_s * (tl.where(pos, log_ps - log_pt, 0.0) - k_row), 0.0)
-    else:
-        log_m = _log_mixture(log_pt, log_ps, log_beta, log_1m_beta)
-        pos = p_s != 0
-        g = (1.0 - beta) * tl.where(pos, p_s * (tl.where(pos, log_ps - log_m, 0.0) - k_row), 0.0)
-    return g
-
-
-@triton.jit
-def _tile_start(i, n_tiles, BACKWARDS: tl.constexpr, BLOCK: tl.constexpr):
-    """First column of the i-th tile visited, walking the row forwards or backwards."""
-    if BACKWARDS:
-        return (n_tiles - 1 - i) * BLOCK
-    else:
-        return i * BLOCK
+        go = tl.load(go_ptr)
+    # The common case, loss.backward() on a scalar, has grad_output == 1: checked
+    # here on the device, so the host never syncs and memory is not touched.
+    if go != 1.0:
+        mask = cols < V
+        ptrs = g_ptr + row * g_stride + cols
+        g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, cast_for_store(g * go, g_ptr.dtype.element_ty, ROUND_BY_HAND), mask=mask)

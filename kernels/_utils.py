@@ -1,6 +1,11 @@
-"""Launch helpers shared by the kernel files."""
+"""Launch helpers shared by the kernel files: tiles, persistent grids, and a cross-program barrier."""
 
 from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -8,9 +13,50 @@ import triton.language as tl
 
 from kdbench._checks import interpreter_on
 
-# A tile this wide holds a row's worth of fp32 lanes in registers across 8-16 warps;
-# wider rows stream through tiles of this size.
-MAX_BLOCK = 4096
+
+class TilePlan(NamedTuple):
+    """How (N, V) rows are cut into work items of ROWS x BLOCK elements.
+
+    A row that fits one BLOCK-wide tile is one item (``chunks == 1``), and several such
+    rows share a tile (``ROWS > 1``) when V is small.  A wider row is cut into
+    ``chunks`` BLOCK-wide pieces, one item each, ``ROWS == 1``.  Items are numbered
+    row block major: item = row_block * chunks + chunk.
+    """
+
+    ROWS: int
+    BLOCK: int
+    chunks: int
+    CHUNKS_PAD: int  # next power of two >= chunks
+    items: int
+
+
+def tile_plan(n: int, v: int, tile: int) -> TilePlan:
+    """Cut (n, v) into items of at most ``tile`` elements (a power of two) each."""
+    block = max(triton.next_power_of_2(max(v, 1)), 16)
+    if block <= tile:
+        rows = max(1, min(tile // block, triton.next_power_of_2(max(n, 1))))
+        chunks = 1
+    else:
+        block, rows = tile, 1
+        chunks = triton.cdiv(v, tile)
+    items = triton.cdiv(max(n, 1), rows) * chunks
+    return TilePlan(rows, block, chunks, triton.next_power_of_2(chunks), items)
+
+
+def pick_config(
+    v: int, itemsize: int, wide: tuple[int, int, int], narrow: tuple[int, int, int]
+) -> tuple[int, int, int]:
+    """(tile elements, warps, programs per SM) for rows of ``v`` elements of ``itemsize`` bytes.
+
+    Rows that fit a ``narrow`` tile share small programs (few warps: a row's reductions
+    then stay within a warp or two, which is what keeps the per-row work cheap when
+    rows are short).  Wider rows are chunked into ``wide`` tiles, halved for 4-byte
+    elements so that the tile and the next one's raw values still fit in registers.
+    """
+    if max(triton.next_power_of_2(max(v, 1)), 16) <= narrow[0]:
+        return narrow
+    tile, warps, per_sm = wide
+    return (tile // 2 if itemsize >= 4 else tile, warps, per_sm)
 
 
 def as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -22,21 +68,6 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x2
 
 
-def launch_config(v: int, max_block: int = MAX_BLOCK) -> tuple[int, int]:
-    """(BLOCK, num_warps) for rows of ``v`` columns."""
-    block = min(triton.next_power_of_2(max(v, 1)), max_block)
-    block = max(block, 16)
-    if block >= 4096:
-        num_warps = 16
-    elif block >= 2048:
-        num_warps = 8
-    elif block >= 512:
-        num_warps = 4
-    else:
-        num_warps = 2
-    return block, num_warps
-
-
 def bf16_round_by_hand(dtype: torch.dtype) -> bool:
     """Whether stores to ``dtype`` must round to bfloat16 in integer arithmetic.
 
@@ -45,6 +76,48 @@ def bf16_round_by_hand(dtype: torch.dtype) -> bool:
     of error under test. Only the interpreter takes this path.
     """
     return dtype == torch.bfloat16 and interpreter_on()
+
+
+def usable_sms(device: torch.device) -> int:
+    """Multiprocessors this process may occupy at once.
+
+    Under MPS, ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` limits a client to that share of
+    the SMs; a persistent grid larger than that could not be resident all at once.
+    """
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    pct = os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+    if pct:
+        try:
+            sms = max(1, math.floor(sms * min(100.0, float(pct)) / 100.0))
+        except ValueError:
+            pass
+    return sms
+
+
+@functools.lru_cache(maxsize=None)
+def _ctas_per_sm(device_index: int, n_regs: int, shared: int, num_warps: int) -> int:
+    """How many CTAs of this shape fit on one SM at once (registers, threads, shared memory)."""
+    props = torch.cuda.get_device_properties(device_index)
+    regs_per_sm = getattr(props, "regs_per_multiprocessor", 65536)
+    threads_per_sm = getattr(props, "max_threads_per_multi_processor", 2048)
+    smem_per_sm = getattr(props, "shared_memory_per_multiprocessor", 0) or 228 * 1024
+    # Registers are allocated per warp in units of 256 (Volta through Hopper).
+    regs_per_warp = triton.cdiv(max(n_regs, 1) * 32, 256) * 256
+    by_regs = regs_per_sm // (regs_per_warp * num_warps)
+    by_threads = threads_per_sm // (32 * num_warps)
+    by_smem = smem_per_sm // (shared + 1024) if shared else 32  # 1 KB per CTA is reserved
+    return max(0, min(by_regs, by_threads, by_smem, 32))
+
+
+def resident_programs(kernel: Any, device: torch.device, num_warps: int, want_per_sm: int) -> int:
+    """Programs of a compiled ``kernel`` that are certain to be resident together.
+
+    ``kernel`` is what ``jit_fn.warmup(...)`` returns.  At most ``want_per_sm`` per SM;
+    at least one per SM (a kernel that fits nowhere would not launch at all).
+    """
+    kernel._init_handles()
+    fit = _ctas_per_sm(torch.device(device).index or 0, int(kernel.n_regs), int(kernel.metadata.shared), num_warps)
+    return usable_sms(device) * max(1, min(fit, want_per_sm))
 
 
 @triton.jit
@@ -64,14 +137,18 @@ def cast_for_store(
 
 
 @triton.jit
-def online_max_step(m, x):
-    """One step of a running max with rescaling, for per-lane online sums of exp(x - max).
+def arrive_and_wait(cnt_ptr, target):
+    """Barrier of the programs sharing the int32 counter at ``cnt_ptr``.
 
-    Returns (m_new, e, grew): m_new = max(m, x), grew = x > m, and e = exp(min(m, x) - m_new)
-    (0 where both are -inf).  A running sum s over exp(x_k - m) becomes
-    ``where(grew, s * e + 1, s + e)``: whichever of x and m is smaller is exponentiated
-    against the new max, so one exp per element serves both cases, not two.
+    Each arriving program adds 1; it returns once the counter reaches ``target``.  Every
+    store the program made before the call is visible to every program after its own
+    call returns: the CTA barrier orders all threads' stores before thread 0's release
+    add, and the acquire load orders the reads after it (the pattern of CUTLASS's
+    ``GenericBarrier``).  All programs counted must be resident at once, or this waits
+    for ever: launchers size persistent grids with :func:`resident_programs`.
     """
-    m_new = tl.maximum(m, x)
-    e = tl.exp(tl.minimum(m, x) - tl.where(m_new == float("-inf"), 0.0, m_new))
-    return m_new, e, x > m
+    tl.debug_barrier()
+    seen = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu") + 1
+    while seen < target:
+        seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()

@@ -2,32 +2,36 @@
 
 Design
 ------
-Each program owns a fixed run of ``rows_per_prog`` rows (a whole number of row blocks
-of BLOCK_N rows).  With x = z * (1 / T) in float32, per row it finds the max m, the
-lowest-index argmax, S' = sum_{k != y} e^(x_k - m) and Q' = sum_{k != y} e^(2 (x_k - m)):
+Two kernels, and one read of the logits.
 
-* a row that fits one BLOCK_C-wide tile is reduced directly (max with its
-  lowest-index argmax, then the two sums: one exp per element);
-* a wider row streams through tiles (any C: 262,144 and beyond is tested), each lane
-  keeping its own running max, first argmax and rescaled S', Q' with one exp per
-  element; the lanes are merged once per row.  No cross-lane reduction sits in the
-  loop (five per tile would serialise a 16-warp program on barriers), and the loop is
-  software-pipelined (``STREAM_STAGES`` tiles in flight).
+1. ``_chunk_stats_kernel`` cuts the (N, C) logits into work items of at most ``TILE``
+   elements (:func:`~kdbench.kernels._utils.tile_plan`: several rows per item when C is
+   small, ``R = cdiv(C, BLOCK)`` chunks per row when it is large) and walks them with a
+   persistent grid, loading the next item's logits before it works on the current
+   one.  From registers it takes, per (row, chunk): the raw max m, its lowest column
+   (the argmax), S' = sum_{k != y} e^((z_k - m) / T) and Q' = sum_{k != y} of the squares
+   of those terms: one exp per logit, four reductions per item, nothing in the loop
+   that depends on another item.  It writes these 16 bytes per (row, chunk).
+2. ``_finish_kernel`` merges each row's R partials (M = max m, S' = sum S'_c
+   e^((m_c - M) / T), Q' likewise with squares, argmax the lowest column among the
+   chunks holding M), gathers x_y, and finishes the row:
 
-After the stream, with e_y = e^(x_y - m) from one gathered load and S = S' + e_y:
+   * confidence = 1 / S with S = S' + e_y (correctly rounded division), prediction = argmax;
+   * NLL = log1p(S' / e_y) when p_y >= 1/2 (exact for tiny NLL), else log S + (M - z_y) / T;
+   * Brier = (Q' + S'^2) / S^2, i.e. sum_{k != y} p_k^2 + (1 - p_y)^2: positive terms only.
 
-* confidence = 1 / S (correctly rounded division), prediction = argmax;
-* NLL = log1p(S' / e_y) when p_y >= 1/2 (exact for tiny NLL), else log S + (m - x_y);
-* Brier = (Q' + S'^2) / S^2, which is sum_k p_k^2 - 2 p_y + 1 regrouped as
-  sum_{k != y} p_k^2 + (1 - p_y)^2: a sum of positive terms, no cancellation when
-  p_y is near 1.  The probabilities are never materialised.
+   Then the bin, min(floor(conf * M), M - 1) in float32 exactly as the torch reference,
+   and each program's float64 per-bin count, confidence sum and correct count and its
+   NLL and Brier sums go to its own slot of a (P, 5, BINS_PAD) buffer that the host adds
+   with ``torch.sum``: no atomics.  This kernel's grid depends only on N, C and M, so the
+   statistics are bit-identical run after run and across devices.
 
-The bin is min(floor(conf * M), M - 1) in float32, exactly as the torch reference.
-Each program accumulates, in float64 registers, its rows' per-bin count, confidence
-sum and correct count (a masked one-hot sum per row block) and its NLL and Brier
-sums, and writes them to its own slot of a (P, 5, BINS_PAD) buffer.  The host adds the
-P slots with ``torch.sum`` (a fixed-order reduction): no atomics, so the statistics
-are bit-identical run after run.  P depends only on N, C and M, not on the device.
+Traffic model: one read of the logits (N C b bytes) and of the labels (8 N), plus
+16 N R bytes of partials written and read, and 20 N bytes of per-row outputs: at
+(65536, 32000) bf16 (R = 4) that is 4.19 GB + 8 MB, within 0.2% of one read.
+
+Instruction budget per logit, from SASS (``tests/test_kernels_compile.py``): about 12
+at T = 1, against about 16 that an H200 can issue per bf16 logit at copy bandwidth.
 
 Ignored rows (label == ignore_index) are not read.  A counted row with a NaN or +inf
 value of z / T, or all -inf, gets NaN confidence / NLL / Brier and is binned in the
@@ -37,10 +41,9 @@ host check would cost a sync) does the same.
 Limits
 ------
 * n_bins <= MAX_BINS (1024): the one-hot histogram lives in registers.
-* One row block per program at a time: a handful of rows with a huge C under-uses a
-  GPU (still correct).  Row offsets are int64.
 * Last dim must be contiguous (other strides are copied once); float32 / float16 /
   bfloat16 logits, float32 arithmetic, float64 accumulation of the per-bin sums.
+  Row offsets are int64.
 """
 
 from __future__ import annotations
@@ -49,19 +52,28 @@ import torch
 import triton
 import triton.language as tl
 
-from kdbench.kernels._utils import as_rows, launch_config, online_max_step
+from kdbench._checks import interpreter_on
+from kdbench.kernels._tile_math import LOG2E, merge_chunks, step_item, tile_exp
+from kdbench.kernels._utils import as_rows, pick_config, resident_programs, tile_plan
 from kdbench.reference.calibration import CalibrationRows
 
 MAX_BINS = 1024
-# Row block x column tile, and row block x bins, are kept to this many elements.
-_TILE = 4096
-# At most this many programs; each walks a fixed run of row blocks.
+# (elements per tile, warps per program, programs per SM) of the statistics kernel.  64
+# logits per thread amortise the per-item work (four reductions, the next item's
+# addresses, the partials' stores) to about 4 instructions per logit; the tile and the
+# next one's raw logits take about 240 registers.  The candidates are what
+# `kdbench bench` sweeps on a GPU.
+TILE_CONFIGS = ((16384, 8, 1), (8192, 8, 2), (16384, 16, 1), (8192, 4, 2))
+TILE_CONFIG = TILE_CONFIGS[0]
+# Rows of at most 2048 elements: two-warp programs, 32 logits per thread, several rows each.
+NARROW_CONFIG = (2048, 2, 8)
+# Rows x chunks, and rows x bins, of the finishing kernel are kept to this many elements.
+_FINISH_TILE = 1024
+# At most this many finishing programs; each walks a fixed run of row blocks.
 _MAX_PROGRAMS = 1024
 # Slots per program in the partial-sum buffer: count, conf_sum, correct_sum, nll_sum, brier_sum.
 _SLOTS = 5
-# Column tiles in flight when a row streams (cp.async on Hopper), so that the next
-# tiles' loads overlap this tile's arithmetic; not tuned on a GPU (see kd_loss.py).
-STREAM_STAGES = 3
+_NO_COLUMN = tl.constexpr(2**31 - 1)
 
 
 @triton.jit
@@ -72,109 +84,100 @@ def _log1p(u):
 
 
 @triton.jit
-def _load_tile(
-    row_ptr,  # (BLOCK_N,) pointers to the rows
-    counted,  # (BLOCK_N,) rows to read
-    cols,  # (BLOCK_C,) column indices
-    C,
-    inv_t,
-):
-    """x = z / T for one tile, NaN / +inf replaced by -inf, and where they were."""
-    mask = counted[:, None] & (cols[None, :] < C)
-    x = tl.load(row_ptr[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-    broken = (x != x) | (x == float("inf"))
-    return tl.where(broken, float("-inf"), x), broken
-
-
-@triton.jit
-def _row_stats_one_tile(
-    row_ptr,  # (BLOCK_N,) pointers to the rows
-    counted,  # (BLOCK_N,) rows to read
-    safe_label,  # (BLOCK_N,) label column, 0 for rows not counted
-    C,
-    inv_t,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """(m, argmax, S', Q', bad) of rows that fit one tile: direct reductions."""
-    cols = tl.arange(0, BLOCK_C)
-    x, broken = _load_tile(row_ptr, counted, cols, C, inv_t)
-    bad = tl.max(broken.to(tl.int32), axis=1)
-    m, arg = tl.max(x, axis=1, return_indices=True, return_indices_tie_break_left=True)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    e = tl.exp(x - m_safe[:, None])
-    e = tl.where(cols[None, :] == safe_label[:, None], 0.0, e)
-    return m, arg.to(tl.int64), tl.sum(e, axis=1), tl.sum(e * e, axis=1), bad
-
-
-@triton.jit
-def _row_stats_streamed(
-    row_ptr,  # (BLOCK_N,) pointers to the rows
-    counted,  # (BLOCK_N,) rows to read
-    safe_label,  # (BLOCK_N,) label column, 0 for rows not counted
-    C,
-    inv_t,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
-):
-    """(m, argmax, S', Q', bad) of rows wider than a tile.
-
-    Every lane keeps its own running max, first argmax, S' and Q' over the columns it
-    sees, so the loop has no cross-lane reduction (one per row at the end instead of
-    five per tile), and one exp per element (see online_max_step; Q' takes e squared).
-    The row's argmax is the lowest column among the lanes holding the row max: each
-    lane's is its earliest.
-    """
-    c_off = tl.arange(0, BLOCK_C)
-    m_l = tl.full([BLOCK_N, BLOCK_C], float("-inf"), tl.float32)
-    arg_l = tl.zeros([BLOCK_N, BLOCK_C], tl.int32)
-    s_l = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-    q_l = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-    bad_l = tl.zeros([BLOCK_N, BLOCK_C], tl.int32)
-    for c0 in tl.range(0, C, BLOCK_C, num_stages=NUM_STAGES):
-        cols = c0 + c_off
-        x, broken = _load_tile(row_ptr, counted, cols, C, inv_t)
-        bad_l = tl.maximum(bad_l, broken.to(tl.int32))
-        w = tl.where(cols[None, :] == safe_label[:, None], 0.0, 1.0)  # the label is not in S', Q'
-        m_l, e, grew = online_max_step(m_l, x)
-        e2 = e * e
-        s_l = tl.where(grew, s_l * e + w, s_l + w * e)
-        q_l = tl.where(grew, q_l * e2 + w, q_l + w * e2)
-        arg_l = tl.where(grew, cols[None, :], arg_l)
-    m = tl.max(m_l, axis=1)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    arg = tl.min(tl.where(m_l == m[:, None], arg_l, C), axis=1)
-    scale = tl.exp(m_l - m_safe[:, None])
-    s_rest = tl.sum(s_l * scale, axis=1)
-    q_rest = tl.sum(q_l * (scale * scale), axis=1)
-    return m, arg.to(tl.int64), s_rest, q_rest, tl.max(bad_l, axis=1)
-
-
-@triton.jit
-def _calibration_kernel(
+def _chunk_stats_kernel(
     x_ptr,  # (N, C) logits, unit column stride
     x_stride,  # elements between rows
     y_ptr,  # (N,) int64 labels
+    stat_ptr,  # (N, R, 4) float32 out: m, S', Q' of each (row, chunk) (slot 3 unused)
+    arg_ptr,  # (N, R) int32 out: lowest column holding m
+    N,
+    C,
+    R,  # chunks per row
+    n_items,
+    inv_t,  # 1 / T
+    ignore_index,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    step_rb = nprog // R
+    step_c = nprog - step_rb * R
+    rb_next = pid // R
+    c_next = pid - rb_next * R
+    x_next, y_next = _load_rows(rb_next, c_next, x_ptr, x_stride, y_ptr, N, C, ignore_index, ROWS, BLOCK)
+    for it in range(pid, n_items, nprog):
+        x_raw, y = x_next, y_next
+        rb = rb_next
+        c = c_next
+        rb_next, c_next = step_item(rb, c, step_rb, step_c, R)
+        # The next item's loads go out now and land while this one is worked on.
+        x_next, y_next = _load_rows(rb_next, c_next, x_ptr, x_stride, y_ptr, N, C, ignore_index, ROWS, BLOCK)
+
+        rows = rb.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        cols = c * BLOCK + tl.arange(0, BLOCK)
+        live = rows < N
+        x = x_raw.to(tl.float32)
+        m = tl.max(x, axis=1)
+        e = tile_exp(x, m, inv_t)
+        # The label is not in S', Q'.  Compared in int32, against the tile's own columns.
+        y_in_tile = (y - c * BLOCK).to(tl.int32)
+        e = tl.where(tl.arange(0, BLOCK)[None, :] == y_in_tile[:, None], 0.0, e)
+        first = tl.where(x == m[:, None], tl.arange(0, BLOCK)[None, :], _NO_COLUMN)
+        arg = tl.min(first, axis=1)
+        arg = tl.where(arg == _NO_COLUMN, _NO_COLUMN, arg + c * BLOCK)  # no max seen: a NaN row
+        s_rest = tl.sum(e, axis=1)
+        q_rest = tl.sum(e * e, axis=1)
+        out = (rows * R + c) * 4
+        tl.store(stat_ptr + out, m, mask=live)
+        tl.store(stat_ptr + out + 1, s_rest, mask=live)
+        tl.store(stat_ptr + out + 2, q_rest, mask=live)
+        tl.store(arg_ptr + rows * R + c, arg, mask=live)
+
+
+@triton.jit
+def _load_rows(rb, c, x_ptr, x_stride, y_ptr, N, C, ignore_index, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Raw logits (ROWS, BLOCK) of chunk ``c`` of row block ``rb``, and the rows' labels.
+
+    Rows past the end or ignored are not read (-inf comes back).
+    """
+    rows = rb.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    live = rows < N
+    y = tl.load(y_ptr + rows, mask=live, other=ignore_index)
+    counted = live & (y != ignore_index)
+    cols = c * BLOCK + tl.arange(0, BLOCK)
+    mask = counted[:, None] & (cols[None, :] < C)
+    x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=float("-inf"),
+                eviction_policy="evict_first")
+    return x, y
+
+
+@triton.jit
+def _finish_kernel(
+    x_ptr,  # (N, C) logits (only x_y is read)
+    x_stride,
+    y_ptr,  # (N,) int64 labels
+    stat_ptr,  # (N, R, 4) float32 chunk statistics
+    arg_ptr,  # (N, R) int32 chunk argmax
     conf_ptr,  # (N,) float32 out: max softmax probability; 0 for ignored rows
     pred_ptr,  # (N,) int64 out: argmax, lowest index among ties; -1 for ignored rows
     nll_ptr,  # (N,) float32 out: -log p_y; 0 for ignored rows
     brier_ptr,  # (N,) float32 out: sum_k (p_k - 1[y = k])^2; 0 for ignored rows
     part_ptr,  # (P, 5, BINS_PAD) float64 out: this program's count/conf/correct per bin, nll/brier totals
-    N,  # rows
-    C,  # classes
-    inv_t,  # 1 / T
-    ignore_index,  # label marking an ignored row
+    N,
+    C,
+    R,
+    inv_t,
+    ignore_index,
     n_bins,  # M
     rows_per_prog,  # a multiple of BLOCK_N
     BLOCK_N: tl.constexpr,  # rows per block
-    BLOCK_C: tl.constexpr,  # columns per tile
+    CHUNKS_PAD: tl.constexpr,  # next power of two >= R
     BINS_PAD: tl.constexpr,  # next power of two >= M
-    SINGLE_TILE: tl.constexpr,  # C <= BLOCK_C: a row is one tile
-    NUM_STAGES: tl.constexpr,  # software-pipelining depth of the column loop
 ):
     pid = tl.program_id(0).to(tl.int64)
     r_off = tl.arange(0, BLOCK_N)
+    ch = tl.arange(0, CHUNKS_PAD)
     slots = tl.arange(0, BINS_PAD)
     acc_count = tl.zeros([BINS_PAD], tl.float64)
     acc_conf = tl.zeros([BINS_PAD], tl.float64)
@@ -189,26 +192,28 @@ def _calibration_kernel(
         counted = in_n & (label != ignore_index)
         label_ok = (label >= 0) & (label < C)
         safe_label = tl.where(label_ok & counted, label, 0)
-        row_ptr = x_ptr + rows * x_stride
 
-        if SINGLE_TILE:
-            m, arg, s_rest, q_rest, bad = _row_stats_one_tile(row_ptr, counted, safe_label, C, inv_t, BLOCK_N, BLOCK_C)
-        else:
-            m, arg, s_rest, q_rest, bad = _row_stats_streamed(
-                row_ptr, counted, safe_label, C, inv_t, BLOCK_N, BLOCK_C, NUM_STAGES
-            )
+        cm = counted[:, None] & (ch[None, :] < R)
+        at = (rows[:, None] * R + ch[None, :]) * 4
+        m_c = tl.load(stat_ptr + at, mask=cm, other=float("-inf"))
+        m, s_rest = merge_chunks(m_c, tl.load(stat_ptr + at + 1, mask=cm, other=0.0), inv_t)
+        _, q_rest = merge_chunks(m_c, tl.load(stat_ptr + at + 2, mask=cm, other=0.0), 2.0 * inv_t)
+        arg_c = tl.load(arg_ptr + rows[:, None] * R + ch[None, :], mask=cm, other=_NO_COLUMN)
+        arg = tl.min(tl.where(m_c == m[:, None], arg_c, _NO_COLUMN), axis=1).to(tl.int64)
 
+        z_y = tl.load(x_ptr + rows * x_stride + safe_label, mask=counted, other=0.0).to(tl.float32)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        x_y = tl.load(row_ptr + safe_label, mask=counted, other=0.0).to(tl.float32) * inv_t
-        e_y = tl.exp(x_y - m_safe)
+        dy = (z_y - m_safe) * inv_t  # (z_y - M) / T, exact when they are close
+        e_y = tl.exp2(dy * LOG2E)
         s = s_rest + e_y
         conf = tl.math.div_rn(tl.full([BLOCK_N], 1.0, tl.float32), s)
-        nll_far = tl.log(s) + (m_safe - x_y)  # m - x_y first: exact when they are close
+        nll_far = tl.log(s) - dy
         near = e_y >= s_rest  # p_y >= 1/2
         nll_near = _log1p(tl.where(near, s_rest, 0.0) / tl.where(near & (e_y > 0.0), e_y, 1.0))
         nll = tl.where(near, nll_near, nll_far)
         brier = (q_rest + s_rest * s_rest) / (s * s)
-        undefined = (bad > 0) | (m == float("-inf")) | (x_y != x_y) | (x_y == float("inf")) | (label_ok == 0)
+        # A NaN / +inf logit leaves S NaN; no finite logit leaves it 0 (or NaN across chunks).
+        undefined = ~(s > 0.0) | (m == float("-inf")) | ~label_ok
         conf = tl.where(undefined, float("nan"), conf)
         nll = tl.where(undefined, float("nan"), nll)
         brier = tl.where(undefined, float("nan"), brier)
@@ -238,28 +243,24 @@ def _calibration_kernel(
     tl.store(out + 4 * BINS_PAD + slots, tl.where(first, tl.sum(acc_brier, axis=0), 0.0))
 
 
-def launch_plan(n: int, c: int, n_bins: int) -> dict[str, int]:
-    """Block sizes, warps and program count for N rows of C classes and M bins.
+def finish_plan(n: int, chunks: int, n_bins: int) -> dict[str, int]:
+    """Row blocks and program count of the finishing kernel for N rows of ``chunks`` chunks and M bins.
 
-    A pure function of (N, C, M): the same input is split the same way on every device,
-    which is what makes the fixed-order reduction reproducible.
+    A pure function of (N, chunks, M): the same input is split the same way on every
+    device, which is what makes the fixed-order reduction reproducible.
     """
-    block_c, _ = launch_config(c)
+    chunks_pad = triton.next_power_of_2(max(chunks, 1))
     bins_pad = max(triton.next_power_of_2(n_bins), 2)
-    block_n = max(1, min(_TILE // block_c, _TILE // bins_pad, triton.next_power_of_2(max(n, 1))))
-    _, num_warps = launch_config(block_n * block_c)
+    block_n = max(1, min(_FINISH_TILE // chunks_pad, _FINISH_TILE // bins_pad, triton.next_power_of_2(max(n, 1))))
     blocks = triton.cdiv(max(n, 1), block_n)
     per_prog = triton.cdiv(blocks, min(blocks, _MAX_PROGRAMS))
-    programs = triton.cdiv(blocks, per_prog)
     return {
         "BLOCK_N": block_n,
-        "BLOCK_C": block_c,
+        "CHUNKS_PAD": chunks_pad,
         "BINS_PAD": bins_pad,
-        "num_warps": num_warps,
-        "programs": programs,
+        "num_warps": 4,
+        "programs": triton.cdiv(blocks, per_prog),
         "rows_per_prog": per_prog * block_n,
-        "SINGLE_TILE": c <= block_c,
-        "NUM_STAGES": STREAM_STAGES if c > block_c else 1,
     }
 
 
@@ -290,35 +291,31 @@ def calibration_sums_triton(
     n, c = x.shape
     device = x.device
     y = labels.reshape(-1).to(torch.int64).contiguous()
-    plan = launch_plan(n, c, n_bins)
+    tile, num_warps, per_sm = pick_config(c, x.element_size(), TILE_CONFIG, NARROW_CONFIG)
+    plan = tile_plan(n, c, tile)
+    fin = finish_plan(n, plan.chunks, n_bins)
     conf = torch.empty(n, dtype=torch.float32, device=device)
     pred = torch.empty(n, dtype=torch.int64, device=device)
     nll = torch.empty(n, dtype=torch.float32, device=device)
     brier = torch.empty(n, dtype=torch.float32, device=device)
-    part = torch.zeros((plan["programs"], _SLOTS, plan["BINS_PAD"]), dtype=torch.float64, device=device)
+    part = torch.zeros((fin["programs"], _SLOTS, fin["BINS_PAD"]), dtype=torch.float64, device=device)
     if n > 0:
-        _calibration_kernel[(plan["programs"],)](
-            x,
-            x.stride(0),
-            y,
-            conf,
-            pred,
-            nll,
-            brier,
-            part,
-            n,
-            c,
-            1.0 / temperature,
-            ignore_index,
-            n_bins,
-            plan["rows_per_prog"],
-            BLOCK_N=plan["BLOCK_N"],
-            BLOCK_C=plan["BLOCK_C"],
-            BINS_PAD=plan["BINS_PAD"],
-            SINGLE_TILE=plan["SINGLE_TILE"],
-            NUM_STAGES=plan["NUM_STAGES"],
-            num_warps=plan["num_warps"],
-        )
+        stats = torch.empty((n, plan.chunks, 4), dtype=torch.float32, device=device)
+        args = torch.empty((n, plan.chunks), dtype=torch.int32, device=device)
+        call = (x, x.stride(0), y, stats, args, n, c, plan.chunks, plan.items, 1.0 / temperature, ignore_index)
+        consts = dict(ROWS=plan.ROWS, BLOCK=plan.BLOCK, num_warps=num_warps, num_stages=1, enable_fp_fusion=True)
+        programs = plan.items
+        if not interpreter_on() and device.type == "cuda":
+            # Nothing waits on another program here, so the grid need not all be resident;
+            # one resident wave keeps every program's prefetch useful.
+            probe = _chunk_stats_kernel.warmup(*call, grid=(1,), **consts)
+            programs = min(plan.items, resident_programs(probe, device, num_warps, per_sm))
+        _chunk_stats_kernel[(programs,)](*call, **consts)
+        _finish_kernel[(fin["programs"],)](
+            x, x.stride(0), y, stats, args, conf, pred, nll, brier, part, n, c, plan.chunks, 1.0 / temperature,
+            ignore_index, n_bins, fin["rows_per_prog"], BLOCK_N=fin["BLOCK_N"], CHUNKS_PAD=fin["CHUNKS_PAD"],
+            BINS_PAD=fin["BINS_PAD"], num_warps=fin["num_warps"],
+        )  # fmt: skip
     total = part.sum(dim=0)  # fixed-order reduction over programs
     counted = y != ignore_index
     sums = {

@@ -1,56 +1,89 @@
-"""Fused distillation loss: loss and dL/dz_s in one launch.
+"""Fused distillation loss: loss and dL/dz_s from registers, the gradient written once.
 
 Design
 ------
-One program per row (N rows of V logits).  Each program
+The (N, V) logits are cut into work items of at most ``TILE`` elements
+(:func:`~kdbench.kernels._utils.tile_plan`): a row of V <= TILE is one item (several
+small rows share one), a wider row is cut into ``R = cdiv(V, BLOCK)`` chunks, one item
+each.  An item's student and teacher logits are loaded into registers once, and
+everything else for that item happens on chip:
 
-1. *statistics pass*: streams the row in BLOCK-wide tiles, keeping per-lane online
-   max / sum-of-exp for the student at T (a = z_s / T), the teacher at T
-   (b = z_t / T) and, when the hard term is on and T != 1, the student at T = 1.
-   Lanes are merged once at the end, so the loop body has no cross-lane reduction;
-2. *divergence pass* (reverse KL and JSD only): the gradient of those divergences
-   needs the row scalar K = KL(p_s || p_t) or KL(p_s || M) before any element of
-   the gradient can be written, so one more streaming pass computes it exactly;
-3. *gradient pass*: writes dL/dz_s in the student's dtype and accumulates the
-   forward-KL loss from exact per-element log-ratios (no cancellation between
-   large logsumexps).
+1. *local statistics*: the tile's raw max and e = exp((z - max) / T) for student and
+   teacher (and for the student at T = 1 when the hard term needs it): one exp per
+   element and tensor, kept in registers.  Forward and reverse KL also sum their loss
+   terms against these exps here, sum e (z_t - z_s), so only (max, sum) pairs have to
+   travel between the chunks of a row;
+2. *row statistics*: a row held by one item has them already.  A chunked row's items
+   publish their (max, sum, term sum) to a small workspace and each merges the R
+   partials itself, a few dozen floats;
+3. *loss and row scalar*: the loss follows from the merged statistics.  Reverse KL and
+   JSD need the row scalar K = KL(p_s || p_t) or KL(p_s || M) before any gradient
+   element; reverse KL has it from the published term sums, JSD needs a second exchange;
+4. *gradient*: written from the same registers, in the student's dtype, with the
+   batchmean factor 1/n_counted already in it (read from a device scalar: no sync).
 
-A row that fits one tile (V <= BLOCK) is read once: all passes run on registers.
+How the chunks of a row meet.  With ``SYNC_IN_KERNEL`` they meet inside one launch at
+a per-row barrier (:func:`~kdbench.kernels._utils.arrive_and_wait`, an atomic
+counter): the logits are read once.  Otherwise (the default; and always under the
+CPU interpreter, which runs programs one after another) each exchange ends a launch:
+forward and reverse KL run two launches (statistics; loss and gradient), JSD three.
+On an H200 the barrier's wait, with nothing else for the SM to do, cost more than the
+second read (results/bench/h200-kd-modes.md), hence the default.
 
-Memory traffic of a streamed row (V > BLOCK): pass 1 reads both rows, the gradient
-pass reads them again and writes the gradient (plus one more read for reverse KL and
-JSD), against a minimum of one read and one write.  What narrows the gap:
+The grid is persistent: P programs (every SM's worth of resident CTAs, from the
+compiled kernel's registers and shared memory) walk the items in the order
+item = p, p + P, ...; each program loads its next item's logits before it works on
+the current one, so loads stay in flight through the arithmetic.  For the barrier,
+P >= R and row-ordered items mean a program's earlier item is always in an earlier
+row, and all P programs are resident: every barrier completes.
 
-* each pass walks the row in the opposite direction to the one before, so it starts
-  on the tiles just read, which are the likeliest to still be in L2 (a 128256-wide
-  bf16 row pair is 0.5 MB; 132 rows in flight roughly fill an H200's 60 MB of L2);
-* the last pass loads and stores with ``evict_first``: its data is dead afterwards
-  and should not push out rows that other programs will read again;
-* the streaming loops are software-pipelined (``STREAM_STAGES`` tiles in flight,
-  cp.async on Hopper): a single tile per loop iteration is too few bytes in flight
-  to cover DRAM latency with one 16-warp program per SM.
+Traffic model (forward+backward, (N, V) logits of b bytes; minimum 3 b N V, one read
+of each input and one write of the gradient: 6.30 GB at (8192, 128256) bf16)
+-------------------------------------------------------------------------------
+* rows of V <= TILE: the minimum, 3 b N V;
+* chunked rows, separate launches: forward and reverse KL 5 b N V (the statistics
+  launch reads both inputs, the second reads them again and writes the gradient);
+  JSD 7 b N V; with the barrier: 3 b N V for all three;
+* workspace: N R (8 floats of statistics) + N counters, read back R times per row:
+  about 32 R^2 N bytes, 0.27 GB at that shape (R = 32), mostly L2 hits;
+* ``grad_output != 1`` (float32/bfloat16): one more read and write of the gradient in
+  backward (the scale kernel); ``grad_output == 1`` is detected on the device and
+  touches nothing.  float16: see below.
 
-Exps per element: one per online logsumexp update (see _online_update) and two in
-the gradient pass, four in all for the forward KL (Hopper's MUFU does 16 per clock per
-SM, so at bf16 the exps take about as long as the memory traffic: every one counts).
-Zero probabilities (-inf logits) contribute exactly 0 to loss and gradient.
-Ignored rows (label == ignore_index) load nothing, write a zero gradient and a
-zero loss.  Row offsets are int64, so N * V beyond 2**31 is fine.
+Instruction budget per (student, teacher) element pair, from SASS (see
+``tests/test_kernels_compile.py``): as one launch, forward and reverse KL about 33, JSD
+about 53, against about 50 that an H200 can issue per pair at copy bandwidth; as
+separate launches, which recompute the exps, about 53 and 95 over all of them.
 
-The gradient is stored in forward with the batchmean factor 1/n_counted already
-folded in (read from a device scalar: no host sync).  Backward multiplies it in
-place by grad_output; a scalar grad_output equal to 1 (a plain ``loss.backward()``)
-is detected *on the device* and the scale kernel returns without touching memory.
+float16 gradients
+-----------------
+A float16 gradient of a large batch is tiny (1e-7 per element at (64, 32000)), below
+float16's normal range; storing it in forward and multiplying by a loss scale of 2**16
+in backward would scale up the subnormal rounding.  So for float16 students forward
+computes only the loss (reads both tensors), and backward runs the same kernel again
+with grad_output folded into the factor: the gradient is the exact scaled gradient,
+rounded once.  Under a loss scaler that costs the same traffic as storing in forward
+and scaling in backward; the inputs are kept for backward (no extra memory).
+
+Semantics
+---------
+Zero probabilities (-inf logits) contribute exactly 0 to loss and gradient.  A counted
+row with a NaN or +inf logit, or with no finite logit, gets a NaN loss and gradient.
+Ignored rows (label == ignore_index) load nothing, write a zero gradient and a zero
+loss, and take no part in any barrier.  Row offsets are int64, so N * V beyond 2**31
+is fine.
 
 Limits
 ------
 * Last dim must be contiguous (other strides are copied once); leading dims may be
   strided.  Logits float32/float16/bfloat16; all arithmetic in float32.
-* One row per program: tiny V with huge N under-uses a GPU (still correct).
-* Block size, warps and ``STREAM_STAGES`` are reasoned, not tuned: no GPU has timed
-  this kernel yet (``kdbench bench`` on CUDA reports a stages sweep for that).
+* The barrier needs all P programs resident together.  ``usable_sms`` honours MPS's
+  ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``; two barrier kernels racing for SMs on
+  streams of different priority could in principle wait on each other.  Where P < R
+  the phases run as separate launches.
 * The gradient buffer is scaled in place by backward, so backward through the same
-  graph twice (``retain_graph=True``) raises instead of returning a wrong gradient.
+  graph twice (``retain_graph=True``) raises instead of returning a wrong gradient
+  (float16, which recomputes, allows it).
 * Out-of-range labels on CUDA are not checked on the host (that needs a sync): the
   row loss becomes NaN instead (and ``tl.device_assert`` fires in debug mode).
 """
@@ -63,196 +96,365 @@ import torch
 import triton
 import triton.language as tl
 
-from kdbench.kernels._kd_math import _block_lse, _lanes_lse, _online_update, _row_terms, _soft_grad, _tile_start
-from kdbench.kernels._utils import as_rows, bf16_round_by_hand, cast_for_store, launch_config
+from kdbench.kernels._kd_math import (
+    gather_chunks,
+    jsd_log_ratios,
+    load_item,
+    plog,
+    prob_factor,
+    scale_grad_kernel,
+    splat,
+)
+from kdbench.kernels._tile_math import merge_chunks, step_item, tile_exp
+from kdbench.kernels._utils import (
+    arrive_and_wait,
+    as_rows,
+    bf16_round_by_hand,
+    cast_for_store,
+    pick_config,
+    resident_programs,
+    tile_plan,
+)
+from kdbench._checks import interpreter_on
 from kdbench.reference._common import reduce_rows
 
 FORWARD, REVERSE, JSD = 0, 1, 2
 _DIVERGENCE_CODE = {"forward": FORWARD, "reverse": REVERSE, "jsd": JSD}
-# Tiles in flight per streaming loop (cp.async into shared memory on Hopper): one
-# CTA per SM (16 warps) holds only one tile of loads otherwise, too few bytes in flight
-# to cover DRAM latency.  3 is Triton's default depth for Hopper; not tuned on a GPU.
-STREAM_STAGES = 3
+
+# (elements per tile and tensor, warps per program, programs per SM).  32 elements of
+# each tensor per thread amortise the per-item work (reductions, merge, the next
+# item's addresses) to about 10 instructions per pair, and the loaded tile, its exps
+# and the next tile's raw logits fit in about 170 registers.  On an H200 (Triton 3.6,
+# forward KL fwd+bwd at (8192, 128256) bf16, results/bench/h200-kd-modes.md) the
+# fastest was (4096, 4, 2) with the phases as separate launches: 3.99 ms.  The
+# candidates are what `kdbench bench` sweeps on a GPU.
+TILE_CONFIGS = ((4096, 4, 2), (8192, 8, 1), (2048, 2, 4), (4096, 8, 2))
+TILE_CONFIG = TILE_CONFIGS[0]
+# Rows of at most 2048 elements: two-warp programs, 32 elements per thread, several rows each.
+NARROW_CONFIG = (2048, 2, 8)
+# Chunked rows meet at an in-kernel barrier (one read of the logits) when True, or run
+# their phases as separate launches (each re-reads them) when False.  Measured on an
+# H200 the barrier's wait costs more than the second read: forward KL 4.7 to 6.9 ms
+# against 3.99 ms (results/bench/h200-kd-modes.md), so launches are the default until
+# the wait is hidden behind the next item's work.  The interpreter always launches.
+SYNC_IN_KERNEL = False
+
+# Workspace floats per (row, chunk): student max and sum of exp, teacher max and sum,
+# student sum at T = 1, the chunk's sum e (z - z') of the KL terms, its part of JSD's K.
+_SLOTS = 8
+# Resident programs of each compiled variant on each device (host-side, no sync).
+_RESIDENT: dict[tuple, int] = {}
+# Phases (launches) of a chunked row when they do not meet in the kernel.
+ALL, STATS, LOSS, GRAD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 
 
 @triton.jit
-def _kd_fwd_kernel(
+def _kd_kernel(
     s_ptr,  # (N, V) student logits, unit column stride
     s_stride,  # elements between student rows
     t_ptr,  # (N, V) teacher logits, unit column stride
     t_stride,  # elements between teacher rows
     y_ptr,  # (N,) int64 labels; read only if HAS_LABELS
-    loss_ptr,  # (N,) float32 out: row loss, 0 for ignored rows
-    g_ptr,  # (N, V) out: dL/dz_s in the student's dtype, contiguous; written only if COMPUTE_GRAD
+    part_ptr,  # (N, R) float32 out: each (row, chunk)'s part of the row loss, 0 for ignored rows
+    g_ptr,  # (N, V) out: dL/dz_s in the student's dtype; written only if COMPUTE_GRAD
     g_stride,  # elements between gradient rows
-    gscale_ptr,  # (1,) float32: factor folded into the gradient; read only if SCALE_GRAD
-    V,  # number of classes
-    inv_t,  # 1 / T
+    scale_ptr,  # (1,) float32: factor of the gradient (1/n_counted for batchmean, else 1)
+    go_ptr,  # (1,) or (N,) float32 grad_output, folded into the gradient when GO_MODE > 0
+    ws_ptr,  # (N, R, 8) float32 workspace of chunk statistics (R > 1)
+    cnt_ptr,  # (N,) int32 barrier counters, zeroed (R > 1 and PHASE == ALL)
+    N, V, R, n_items,
+    inv_t,  # 1 / T (1 when there is no soft term)
     soft_w,  # (1 - alpha) * T^2
     hard_w,  # alpha
     beta,  # JSD mixture weight
-    log_beta,  # log(beta)
-    log_1m_beta,  # log(1 - beta)
-    ignore_index,  # label marking an ignored row
+    ub_s,  # -log(1 - beta): bound of log p_s - log M
+    ub_t,  # -log(beta): bound of log p_t - log M
+    ignore_index,
     DIVERGENCE: tl.constexpr,  # 0 forward KL, 1 reverse KL, 2 JSD
     HAS_LABELS: tl.constexpr,
     HAS_SOFT: tl.constexpr,  # alpha < 1
     HAS_HARD: tl.constexpr,  # alpha > 0
-    T_IS_ONE: tl.constexpr,  # the hard term reuses the soft student statistics
+    T_IS_ONE: tl.constexpr,  # the hard term reuses the student's exps at T
     COMPUTE_GRAD: tl.constexpr,
-    SCALE_GRAD: tl.constexpr,
-    SINGLE_BLOCK: tl.constexpr,  # V <= BLOCK: the row is read once
-    NUM_STAGES: tl.constexpr,  # software-pipelining depth of the streaming loops
+    GO_MODE: tl.constexpr,  # 0: none, 1: one grad_output, 2: one per row
+    PHASE: tl.constexpr,  # ALL, or STATS / LOSS / GRAD as separate launches (chunked rows)
     ROUND_BY_HAND: tl.constexpr,  # interpreter only: see bf16_round_by_hand
+    FAST_LOG: tl.constexpr,  # MUFU log (a GPU); the interpreter takes tl.log
+    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    s_row = s_ptr + row * s_stride
-    t_row = t_ptr + row * t_stride
-    g_row = g_ptr + row * g_stride
-    cols = tl.arange(0, BLOCK)
+    CHUNKS_PAD: tl.constexpr,
+):  # fmt: skip
+    CHUNKED: tl.constexpr = CHUNKS_PAD > 1
+    NEED_K: tl.constexpr = HAS_SOFT and DIVERGENCE == 2 and COMPUTE_GRAD  # JSD meets twice
+    SEP_E1: tl.constexpr = HAS_HARD and not T_IS_ONE
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    gscale = tl.load(scale_ptr)
 
-    # Tensors from the start (not Python bools / ints), so that masks and selects see
-    # the same types whether or not HAS_LABELS is set.
-    counted = tl.full([], 1, tl.int1)
-    label = tl.zeros([], tl.int64)
-    if HAS_LABELS:
-        label = tl.load(y_ptr + row)
-        counted = label != ignore_index
-    # Ignored rows read nothing: every load is masked off.
-    v_eff = tl.where(counted, V, 0)
-    label_ok = (label >= 0) & (label < V)
-    tl.device_assert(label_ok | (counted == 0), "label out of range [0, V)")
-    safe_label = tl.where(label_ok & counted, label, 0)
+    # Item i is chunk i % R of row block i // R; a program steps by nprog items, so by
+    # (nprog // R, nprog % R) in (row block, chunk): no division in the loop.
+    step_rb = nprog // R
+    step_c = nprog - step_rb * R
+    rb_next = pid // R
+    c_next = pid - rb_next * R
+    z_next, zt_next, y_next = load_item(rb_next, c_next, s_ptr, s_stride, t_ptr, t_stride, y_ptr, N, V,
+                                         ignore_index, HAS_LABELS, HAS_SOFT, ROWS, BLOCK)
+    for it in range(pid, n_items, nprog):
+        z_raw, zt_raw, y = z_next, zt_next, y_next
+        rb = rb_next
+        c = c_next
+        rb_next, c_next = step_item(rb, c, step_rb, step_c, R)
+        # The next item's loads go out now and land while this one is worked on.
+        z_next, zt_next, y_next = load_item(rb_next, c_next, s_ptr, s_stride, t_ptr, t_stride, y_ptr, N, V,
+                                             ignore_index, HAS_LABELS, HAS_SOFT, ROWS, BLOCK)
+        rows = rb.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        cols = c * BLOCK + tl.arange(0, BLOCK)
+        live = rows < N
+        counted = live
+        if HAS_LABELS:
+            counted = live & (y != ignore_index)
+        label_ok = (y >= 0) & (y < V)
+        tl.device_assert(label_ok | (counted == 0), "label out of range [0, V)")
+        ws_row = ws_ptr + (rows * R) * 8
+        # A chunked row (ROWS == 1) that counts takes part in the barriers.
+        row0 = rb.to(tl.int64) * ROWS
+        meets = tl.sum(counted.to(tl.int32), axis=0) > 0
 
-    gscale = 1.0
-    if SCALE_GRAD:
-        gscale = tl.load(gscale_ptr)
-    gscale = tl.where(counted, gscale, 0.0)
-
-    if SINGLE_BLOCK:
-        mask = cols < v_eff
-        z = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        zt = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        a = z * inv_t
-        b = zt * inv_t
-        m_a, ls_a = _block_lse(a)
-        m_b, ls_b = _block_lse(b)
-        m_1, ls_1 = m_a, ls_a
-        if HAS_HARD and not T_IS_ONE:
-            m_1, ls_1 = _block_lse(z)
-        loss = 0.0
-        g = tl.zeros([BLOCK], tl.float32)
+        # ---- 1. local statistics -------------------------------------------------
+        z = z_raw.to(tl.float32)
+        zt = z
         if HAS_SOFT:
-            terms, k_terms = _row_terms(a, b, m_a, ls_a, m_b, ls_b, beta, log_beta, log_1m_beta, DIVERGENCE)
-            loss = soft_w * tl.sum(terms, axis=0)
-            if COMPUTE_GRAD:
-                k_row = tl.sum(k_terms, axis=0)
-                g = (soft_w * inv_t) * _soft_grad(a, b, m_a, ls_a, m_b, ls_b, k_row, beta, log_beta, log_1m_beta, DIVERGENCE)
-        if HAS_HARD:
-            if COMPUTE_GRAD:
-                g += hard_w * (tl.exp((z - m_1) - ls_1) - tl.where(cols == safe_label, 1.0, 0.0))
-        if COMPUTE_GRAD:
-            g = tl.where(mask, g * gscale, 0.0)
-            tl.store(g_row + cols, cast_for_store(g, g_ptr.dtype.element_ty, ROUND_BY_HAND), mask=cols < V,
-                     eviction_policy="evict_first")
-    else:
-        # ---- pass 1: per-lane online statistics --------------------------------
-        m_a = tl.full([BLOCK], float("-inf"), tl.float32)
-        s_a = tl.zeros([BLOCK], tl.float32)
-        m_b = tl.full([BLOCK], float("-inf"), tl.float32)
-        s_b = tl.zeros([BLOCK], tl.float32)
-        m_1 = tl.full([BLOCK], float("-inf"), tl.float32)
-        s_1 = tl.zeros([BLOCK], tl.float32)
-        n_tiles = tl.cdiv(V, BLOCK)
-        for i in tl.range(0, n_tiles, num_stages=NUM_STAGES):
-            c = i * BLOCK + cols
-            mask = c < v_eff
-            z = tl.load(s_row + c, mask=mask, other=float("-inf")).to(tl.float32)
-            m_a, s_a = _online_update(m_a, s_a, z * inv_t)
-            if HAS_SOFT:
-                zt = tl.load(t_row + c, mask=mask, other=float("-inf")).to(tl.float32)
-                m_b, s_b = _online_update(m_b, s_b, zt * inv_t)
-            if HAS_HARD and not T_IS_ONE:
-                m_1, s_1 = _online_update(m_1, s_1, z)
-        m_a, ls_a = _lanes_lse(m_a, s_a)
-        m_b, ls_b = _lanes_lse(m_b, s_b)
-        m_1r, ls_1 = m_a, ls_a
-        if HAS_HARD and not T_IS_ONE:
-            m_1r, ls_1 = _lanes_lse(m_1, s_1)
-        m_1 = m_1r
+            zt = zt_raw.to(tl.float32)
+        m_s = tl.max(z, axis=1)
+        m_t = m_s
+        if HAS_SOFT:
+            m_t = tl.max(zt, axis=1)
+        e_s = tile_exp(z, m_s, inv_t)
+        e_t = e_s
+        e_1 = e_s
+        if HAS_SOFT:
+            e_t = tile_exp(zt, m_t, inv_t)
+        if SEP_E1:
+            e_1 = tile_exp(z, m_s, 1.0)
+        # Forward and reverse KL sum their loss terms against the local exps now, so only the
+        # row's (max, sum) have to travel: sum p (log p - log q) = r * (sum e (z - z') / T + c0 * sum e).
+        q = z
+        if HAS_SOFT and DIVERGENCE == 0:
+            q = plog(zt - z)
+            s_s, s_t, a, s_1 = tl.sum(e_s, 1), tl.sum(e_t, 1), tl.sum(e_t * q, 1), tl.sum(e_1, 1)
+        elif HAS_SOFT and DIVERGENCE == 1:
+            q = plog(z - zt)
+            s_s, s_t, a, s_1 = tl.sum(e_s, 1), tl.sum(e_t, 1), tl.sum(e_s * q, 1), tl.sum(e_1, 1)
+        else:
+            s_s, s_t, s_1 = tl.sum(e_s, 1), tl.sum(e_t, 1), tl.sum(e_1, 1)
+            a = s_s
 
-        # ---- pass 2: the row scalar K (reverse KL and JSD) ---------------------
-        loss_acc = tl.zeros([BLOCK], tl.float32)
-        k_row = 0.0
-        if HAS_SOFT and DIVERGENCE != 0:
-            k_acc = tl.zeros([BLOCK], tl.float32)
-            for i in tl.range(0, n_tiles, num_stages=NUM_STAGES):
-                c = _tile_start(i, n_tiles, True, BLOCK) + cols
-                mask = c < v_eff
-                a = tl.load(s_row + c, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-                b = tl.load(t_row + c, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-                terms, k_terms = _row_terms(a, b, m_a, ls_a, m_b, ls_b, beta, log_beta, log_1m_beta, DIVERGENCE)
-                loss_acc += terms
-                k_acc += k_terms
-            k_row = tl.sum(k_acc, axis=0)
-
-        # ---- pass 3: gradient (and the forward-KL loss) ------------------------
-        if COMPUTE_GRAD or (HAS_SOFT and DIVERGENCE == 0):
-            # Walks the row against the previous pass: it starts on the tiles read last.
-            BACKWARDS: tl.constexpr = not (HAS_SOFT and DIVERGENCE != 0)
-            for i in tl.range(0, n_tiles, num_stages=NUM_STAGES):
-                c = _tile_start(i, n_tiles, BACKWARDS, BLOCK) + cols
-                mask = c < v_eff
-                z = tl.load(s_row + c, mask=mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32)
-                a = z * inv_t
-                g = tl.zeros([BLOCK], tl.float32)
+        # ---- 2. row statistics ---------------------------------------------------
+        M_s = m_s
+        S_s = s_s
+        M_t = m_t
+        S_t = s_t
+        S_1 = s_1
+        k_row = tl.zeros([ROWS], tl.float32)
+        if CHUNKED:
+            if PHASE == ALL or PHASE == STATS:
+                slots = tl.arange(0, 8)
+                vals = tl.where(slots == 0, tl.sum(m_s, axis=0), tl.sum(s_s, axis=0))
+                vals = tl.where(slots == 2, tl.sum(m_t, axis=0), vals)
+                vals = tl.where(slots == 3, tl.sum(s_t, axis=0), vals)
+                vals = tl.where(slots == 4, tl.sum(s_1, axis=0), vals)
+                vals = tl.where(slots == 5, tl.sum(a, axis=0), vals)
+                if meets:
+                    tl.store(ws_ptr + (row0 * R + c) * 8 + slots, vals, mask=slots < 6)
+                    if PHASE == ALL:
+                        arrive_and_wait(cnt_ptr + row0, R)
+            if PHASE != STATS:
+                m_all = gather_chunks(ws_row, 0, R, counted, CHUNKS_PAD, float("-inf"))
+                s_all = gather_chunks(ws_row, 1, R, counted, CHUNKS_PAD, 0.0)
+                M_s, S_s = merge_chunks(m_all, s_all, inv_t)
                 if HAS_SOFT:
-                    b = tl.load(t_row + c, mask=mask, other=float("-inf"), eviction_policy="evict_first").to(tl.float32) * inv_t
+                    M_t, S_t = merge_chunks(gather_chunks(ws_row, 2, R, counted, CHUNKS_PAD, float("-inf")),
+                                            gather_chunks(ws_row, 3, R, counted, CHUNKS_PAD, 0.0), inv_t)
+                if SEP_E1:
+                    _, S_1 = merge_chunks(m_all, gather_chunks(ws_row, 4, R, counted, CHUNKS_PAD, 0.0), 1.0)
+                if HAS_SOFT and DIVERGENCE == 1:
+                    # K = KL(p_s || p_t), from every chunk's (max, sum, sum e (z_s - z_t)).
+                    c0 = tl.where(counted, (M_s - M_t) * inv_t + tl.log(S_s / S_t), 0.0)
+                    r_all = prob_factor(m_all, M_s[:, None], S_s[:, None], inv_t)
+                    b_all = gather_chunks(ws_row, 5, R, counted, CHUNKS_PAD, 0.0)
+                    k_row = tl.sum(tl.where(s_all > 0, r_all * (b_all * inv_t - c0[:, None] * s_all), 0.0), axis=1)
+                # The merged values live in the layout of the (1, CHUNKS_PAD) gathers; as
+                # scalars splatted back they take the tile's, with no layout conversion of a tile
+                # (Triton 3.6 would otherwise move a whole tile through shared memory).
+                M_s = splat(M_s, ROWS)
+                S_s = splat(S_s, ROWS)
+                M_t = splat(M_t, ROWS)
+                S_t = splat(S_t, ROWS)
+                S_1 = splat(S_1, ROWS)
+                k_row = splat(k_row, ROWS)
+        if not SEP_E1:
+            S_1 = S_s
+        if PHASE != STATS:
+            # No finite logit, or a NaN / +inf one, leaves no positive sum: the row is undefined.
+            undefined = ~(S_s > 0)
+            if HAS_SOFT:
+                undefined = undefined | ~(S_t > 0)
+            # p_s = e_s * r_s, p_t = e_t * r_t, softmax(z) = e_1 * r_1; 0 for rows that do not count.
+            r_s = tl.where(counted, prob_factor(m_s, M_s, S_s, inv_t), 0.0)
+            r_t = tl.where(counted, prob_factor(m_t, M_t, S_t, inv_t), 0.0)
+            r_1 = r_s
+            if SEP_E1:
+                r_1 = tl.where(counted, prob_factor(m_s, M_s, S_1, 1.0), 0.0)
+
+            # ---- 3. loss and the row scalar K ------------------------------------
+            loss = tl.zeros([ROWS], tl.float32)
+            if HAS_SOFT:
+                # log p_t - log p_s = (z_t - z_s) / T + c0: differences of logits, no large logsumexps.
+                # (0 for rows that do not count, whose maxima are -inf: their terms are all 0.)
+                c0 = tl.where(counted, (M_s - M_t) * inv_t + tl.log(S_s / S_t), 0.0)
+                if DIVERGENCE == 0:
+                    loss = r_t * (a * inv_t + c0 * s_t)
+                elif DIVERGENCE == 1:
+                    loss = r_s * (a * inv_t - c0 * s_s)
+                    if not CHUNKED:
+                        k_row = loss
+                else:
+                    p_s = e_s * r_s[:, None]
+                    p_t = e_t * r_t[:, None]
+                    ln_s = tl.log(S_s)
+                    ln_t = tl.log(S_t)
+                    ls = (z - tl.where(M_s == float("-inf"), 0.0, M_s)[:, None]) * inv_t - ln_s[:, None]
+                    lt = (zt - tl.where(M_t == float("-inf"), 0.0, M_t)[:, None]) * inv_t - ln_t[:, None]
+                    q, d_t = jsd_log_ratios(ls, lt, p_s, p_t, beta, ub_s, ub_t, FAST_LOG)
+                    k_part, l_t = tl.sum(p_s * q, 1), tl.sum(p_t * d_t, 1)
+                    loss = beta * l_t + (1.0 - beta) * k_part
+                    k_row = k_part
+                    if NEED_K and CHUNKED:
+                        if PHASE == ALL or PHASE == LOSS:
+                            if meets:
+                                tl.store(ws_row + c * 8 + 6, k_part, mask=counted)
+                                if PHASE == ALL:
+                                    arrive_and_wait(cnt_ptr + row0, 2 * R)
+                        if PHASE != LOSS:
+                            k_row = splat(tl.sum(gather_chunks(ws_row, 6, R, counted, CHUNKS_PAD, 0.0), axis=1), ROWS)
+                loss = soft_w * loss
+            if HAS_HARD:
+                if c == 0:
+                    # -log softmax(z)[y] = (M - z_y) + log S_1: no cancellation for large logits.
+                    safe_y = tl.where(label_ok & counted, y, 0)
+                    z_y = tl.load(s_ptr + rows * s_stride + safe_y, mask=counted, other=0.0).to(tl.float32)
+                    hard = (M_s - z_y) + tl.log(S_1)
+                    loss += hard_w * tl.where(label_ok, hard, float("nan"))
+            if PHASE == ALL or PHASE == LOSS:
+                loss = tl.where(undefined, float("nan"), loss)
+                tl.store(part_ptr + rows * R + c, tl.where(counted, loss, 0.0), mask=live)
+
+            # ---- 4. gradient -----------------------------------------------------
+            if COMPUTE_GRAD and (PHASE == ALL or PHASE == GRAD or (PHASE == LOSS and not NEED_K)):
+                w = gscale
+                if GO_MODE == 1:
+                    w = w * tl.load(go_ptr)
+                if GO_MODE == 2:
+                    w = w * tl.load(go_ptr + rows, mask=live, other=0.0)
+                w = tl.where(counted, w + tl.zeros([ROWS], tl.float32), 0.0)
+                g = tl.zeros([ROWS, BLOCK], tl.float32)
+                if HAS_SOFT:
+                    coef = (soft_w * inv_t) * w * r_s
                     if DIVERGENCE == 0:
-                        terms, k_terms = _row_terms(a, b, m_a, ls_a, m_b, ls_b, beta, log_beta, log_1m_beta, DIVERGENCE)
-                        loss_acc += terms
-                    if COMPUTE_GRAD:
-                        g = (soft_w * inv_t) * _soft_grad(a, b, m_a, ls_a, m_b, ls_b, k_row, beta, log_beta, log_1m_beta, DIVERGENCE)
-                if COMPUTE_GRAD:
-                    if HAS_HARD:
-                        g += hard_w * (tl.exp((z - m_1) - ls_1) - tl.where(c == safe_label, 1.0, 0.0))
-                    g = tl.where(mask, g * gscale, 0.0)
-                    tl.store(g_row + c, cast_for_store(g, g_ptr.dtype.element_ty, ROUND_BY_HAND), mask=c < V,
-                             eviction_policy="evict_first")
-        loss = soft_w * tl.sum(loss_acc, axis=0)
-
-    if HAS_HARD:
-        z_y = tl.load(s_row + safe_label, mask=counted, other=0.0).to(tl.float32)
-        loss += hard_w * ((m_1 - z_y) + ls_1)
-    loss = tl.where(counted, loss, 0.0)
-    loss = tl.where(label_ok | (counted == 0), loss, float("nan"))
-    tl.store(loss_ptr + row, loss)
+                        g = coef[:, None] * e_s - ((soft_w * inv_t) * w * r_t)[:, None] * e_t
+                    elif DIVERGENCE == 1:
+                        # p_s (log p_s - log p_t - K), with log p_s - log p_t = q / T - c0.
+                        g = (coef * inv_t)[:, None] * e_s * (q - ((c0 + k_row) * (1.0 / inv_t))[:, None])
+                    else:
+                        g = (coef * (1.0 - beta))[:, None] * e_s * (q - k_row[:, None])
+                if HAS_HARD:
+                    g += (hard_w * w * r_1)[:, None] * e_1
+                    g = tl.where(cols[None, :] == y[:, None], g - (hard_w * w)[:, None], g)
+                # Undefined rows are NaN through r_s (or r_1), rows that do not count 0 through w.
+                tl.store(g_ptr + rows[:, None] * g_stride + cols[None, :],
+                         cast_for_store(g, g_ptr.dtype.element_ty, ROUND_BY_HAND),
+                         mask=live[:, None] & (cols[None, :] < V), eviction_policy="evict_first")
 
 
-@triton.jit
-def _scale_grad_kernel(
-    g_ptr,  # (N, V) gradient, scaled in place
-    g_stride,  # elements between rows
-    go_ptr,  # (1,) or (N,) float32 grad_output
-    V,  # number of classes
-    PER_ROW: tl.constexpr,  # grad_output has one value per row (reduction="none")
-    ROUND_BY_HAND: tl.constexpr,  # interpreter only: see bf16_round_by_hand
-    BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    if PER_ROW:
-        go = tl.load(go_ptr + row)
+def _launch(
+    s2: torch.Tensor,
+    t2: torch.Tensor,
+    y: torch.Tensor | None,
+    grad: torch.Tensor | None,
+    scale: torch.Tensor,
+    go: torch.Tensor | None,
+    *,
+    go_per_row: bool = False,
+    temperature: float,
+    alpha: float,
+    divergence: str,
+    beta: float,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Run the kernel over (N, V) rows; returns the (N,) float32 row losses.
+
+    ``grad`` (N, V) receives the gradient when given, times ``scale`` and, when ``go``
+    is given, times grad_output (one value, or one per row when ``go_per_row``).
+    """
+    n, v = s2.shape
+    device = s2.device
+    tile, num_warps, per_sm = pick_config(v, s2.element_size(), TILE_CONFIG, NARROW_CONFIG)
+    plan = tile_plan(n, v, tile)
+    r = plan.chunks
+    part = torch.empty((n, r), dtype=torch.float32, device=device)
+    if n == 0:
+        return part.sum(dim=1)
+    has_soft = alpha < 1.0
+    inv_t = 1.0 / temperature if has_soft else 1.0
+    chunked = r > 1
+    ws = torch.empty((n, r, _SLOTS) if chunked else (1,), dtype=torch.float32, device=device)
+    consts = dict(
+        DIVERGENCE=_DIVERGENCE_CODE[divergence],
+        HAS_LABELS=y is not None,
+        HAS_SOFT=has_soft,
+        HAS_HARD=alpha > 0.0,
+        T_IS_ONE=inv_t == 1.0,
+        COMPUTE_GRAD=grad is not None,
+        GO_MODE=0 if go is None else (2 if go_per_row else 1),
+        ROUND_BY_HAND=bf16_round_by_hand(s2.dtype),
+        FAST_LOG=not interpreter_on(),
+        ROWS=plan.ROWS,
+        BLOCK=plan.BLOCK,
+        CHUNKS_PAD=plan.CHUNKS_PAD,
+        # Prefetching is by hand (the next item's loads); FMA contraction is what the
+        # instruction budget assumes, whatever a Triton version's default.
+        num_warps=num_warps,
+        num_stages=1,
+        enable_fp_fusion=True,
+    )
+    g_arg = grad if grad is not None else part
+    args = [
+        s2, s2.stride(0), t2, t2.stride(0), y if y is not None else part, part, g_arg,
+        grad.stride(0) if grad is not None else 0, scale, go if go is not None else scale, ws, None, n, v, r,
+        plan.items, inv_t, (1.0 - alpha) * temperature * temperature, alpha, beta, -math.log1p(-beta),
+        -math.log(beta), ignore_index,
+    ]  # fmt: skip
+    interpret = interpreter_on() or device.type != "cuda"
+    args[11] = torch.zeros(n, dtype=torch.int32, device=device) if chunked else part
+    programs = plan.items
+    in_kernel = chunked and SYNC_IN_KERNEL and not interpret
+    if not interpret:
+        phase = ALL if in_kernel or not chunked else STATS
+        key = (device.index, s2.dtype, tuple(a % 16 == 0 for a in (v, s2.stride(0), t2.stride(0))), phase,
+               tuple(sorted(consts.items())))
+        if key not in _RESIDENT:
+            probe = _kd_kernel.warmup(*args, PHASE=phase, grid=(1,), **consts)
+            _RESIDENT[key] = resident_programs(probe, device, num_warps, per_sm)
+        programs = min(plan.items, _RESIDENT[key])
+        # Every chunk of a row must be with a different program, all of them resident.
+        in_kernel = in_kernel and programs >= r
+    if not chunked or in_kernel:
+        _kd_kernel[(programs,)](*args, PHASE=ALL, **consts)
     else:
-        go = tl.load(go_ptr)
-    # The common case, loss.backward() on a scalar, has grad_output == 1: checked
-    # here on the device, so the host never syncs and memory is not touched.
-    if go != 1.0:
-        mask = cols < V
-        ptrs = g_ptr + row * g_stride + cols
-        g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(ptrs, cast_for_store(g * go, g_ptr.dtype.element_ty, ROUND_BY_HAND), mask=mask)
+        need_k = has_soft and divergence == "jsd" and grad is not None
+        for phase in (STATS, LOSS, GRAD) if need_k else (STATS, LOSS):
+            _kd_kernel[(programs,)](*args, PHASE=phase, **consts)
+    return part.sum(dim=1) if chunked else part.reshape(n)
 
 
 class _KDLossFunction(torch.autograd.Function):
@@ -280,68 +482,52 @@ class _KDLossFunction(torch.autograd.Function):
             n_counted = (y != ignore_index).sum()
         else:
             n_counted = torch.full((), n, dtype=torch.int64, device=device)
-        inv_count = 1.0 / n_counted.clamp_min(1).to(torch.float32)
+        if reduction == "batchmean":
+            scale = (1.0 / n_counted.clamp_min(1).to(torch.float32)).reshape(1)
+        else:
+            scale = torch.ones(1, dtype=torch.float32, device=device)
+        opts = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta, ignore_index=ignore_index)
         compute_grad = ctx.needs_input_grad[0]
-        rows = torch.empty(n, dtype=torch.float32, device=device)
-        grad = torch.empty((n, v), dtype=student.dtype, device=device) if compute_grad else rows
-        if n > 0:
-            block, num_warps = launch_config(v)
-            _kd_fwd_kernel[(n,)](
-                s2,
-                s2.stride(0),
-                t2,
-                t2.stride(0),
-                y if y is not None else rows,
-                rows,
-                grad,
-                grad.stride(0) if compute_grad else 0,
-                inv_count.reshape(1),
-                v,
-                1.0 / temperature,
-                (1.0 - alpha) * temperature * temperature,
-                alpha,
-                beta,
-                math.log(beta),
-                math.log1p(-beta),
-                ignore_index,
-                DIVERGENCE=_DIVERGENCE_CODE[divergence],
-                HAS_LABELS=y is not None,
-                HAS_SOFT=alpha < 1.0,
-                HAS_HARD=alpha > 0.0,
-                T_IS_ONE=temperature == 1.0,
-                COMPUTE_GRAD=compute_grad,
-                SCALE_GRAD=reduction == "batchmean",
-                SINGLE_BLOCK=v <= block,
-                NUM_STAGES=1 if v <= block else STREAM_STAGES,
-                ROUND_BY_HAND=bf16_round_by_hand(student.dtype),
-                BLOCK=block,
-                num_warps=num_warps,
-            )
+        # float16: the gradient is computed in backward, with grad_output in it (module docstring).
+        deferred = compute_grad and student.dtype == torch.float16
+        grad = torch.empty((n, v), dtype=student.dtype, device=device) if compute_grad and not deferred else None
+        rows = _launch(s2, t2, y, grad, scale, None, **opts)
         out = reduce_rows(rows, n_counted, reduction, lead)
         if compute_grad:
-            ctx.save_for_backward(grad)
             ctx.lead = lead
             ctx.per_row = reduction == "none"
             ctx.consumed = False
+            ctx.deferred = deferred
+            if deferred:
+                ctx.save_for_backward(s2, t2, y, scale)
+                ctx.opts = opts
+            else:
+                ctx.save_for_backward(grad)
         return out
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor):  # type: ignore[override]
-        if ctx.consumed:
+        if ctx.consumed and not ctx.deferred:
             raise RuntimeError(
                 "kdbench.kd_loss (triton): backward through the same graph twice is not supported; "
                 "the stored gradient is scaled in place by the first backward"
             )
         ctx.consumed = True
-        (grad,) = ctx.saved_tensors
-        n, v = grad.shape
         go = grad_output.reshape(-1).to(torch.float32).contiguous()
-        if n > 0:
-            block = min(triton.next_power_of_2(v), 4096)
-            _scale_grad_kernel[(n, triton.cdiv(v, block))](
-                grad, grad.stride(0), go, v, PER_ROW=ctx.per_row, ROUND_BY_HAND=bf16_round_by_hand(grad.dtype), BLOCK=block, num_warps=4
-            )
-        return grad.reshape(*ctx.lead, v), None, None, None, None, None, None, None, None
+        if ctx.deferred:
+            s2, t2, y, scale = ctx.saved_tensors
+            grad = torch.empty(s2.shape, dtype=s2.dtype, device=s2.device)
+            _launch(s2, t2, y, grad, scale, go, go_per_row=ctx.per_row, **ctx.opts)
+        else:
+            (grad,) = ctx.saved_tensors
+            n, v = grad.shape
+            if n > 0:
+                block = min(triton.next_power_of_2(v), 4096)
+                scale_grad_kernel[(n, triton.cdiv(v, block))](
+                    grad, grad.stride(0), go, v, PER_ROW=ctx.per_row, ROUND_BY_HAND=bf16_round_by_hand(grad.dtype),
+                    BLOCK=block, num_warps=4,
+                )
+        return grad.reshape(*ctx.lead, grad.shape[-1]), None, None, None, None, None, None, None, None
 
 
 @torch.compiler.disable

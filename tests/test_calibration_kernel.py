@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from kdbench import CalibrationStats, calibration_stats
 from kdbench.calibration import calibration_rows
-from kdbench.kernels.calibration import MAX_BINS, calibration_sums_triton, launch_plan
+from kdbench.kernels._utils import tile_plan
+from kdbench.kernels.calibration import MAX_BINS, TILE_CONFIG, calibration_sums_triton, finish_plan
 from kdbench.reference.calibration import bin_index
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -106,7 +107,7 @@ def test_tiny_nll_and_brier_keep_their_relative_accuracy():
 
 def test_statistics_are_bit_identical_run_to_run():
     z, y = make_logits(3000, 10, seed=5)
-    assert launch_plan(3000, 10, 15)["programs"] > 1  # several partial histograms to reduce
+    assert finish_plan(3000, 1, 15)["programs"] > 1  # several partial histograms to reduce
     z, y = z.to(DEVICE), y.to(DEVICE)
     first = calibration_stats(z, y, backend="triton")
     for _ in range(2):
@@ -115,12 +116,23 @@ def test_statistics_are_bit_identical_run_to_run():
             assert torch.equal(getattr(again, name), getattr(first, name)), name
 
 
-def test_launch_plan_depends_only_on_the_problem():
-    assert launch_plan(10**6, 10, 15) == launch_plan(10**6, 10, 15)
-    plan = launch_plan(10**6, 10, 15)
+def test_finishing_plan_depends_only_on_the_problem():
+    """The per-bin sums are added in an order fixed by (N, chunks, M): same on every device."""
+    assert finish_plan(10**6, 1, 15) == finish_plan(10**6, 1, 15)
+    plan = finish_plan(10**6, 1, 15)
     assert plan["programs"] <= 1024 and plan["programs"] * plan["rows_per_prog"] >= 10**6
-    wide = launch_plan(8, 262144, 15)
-    assert wide["BLOCK_N"] == 1 and wide["BLOCK_C"] == 4096 and wide["programs"] == 8
+    wide = finish_plan(8, 64, 15)
+    assert wide["CHUNKS_PAD"] == 64 and wide["programs"] * wide["rows_per_prog"] >= 8
+
+
+def test_tile_plan_cuts_wide_rows_into_chunks_and_packs_narrow_ones():
+    tile = TILE_CONFIG[0]
+    wide = tile_plan(8, 262144, tile)
+    assert wide.ROWS == 1 and wide.BLOCK == tile and wide.chunks == 262144 // tile and wide.items == 8 * wide.chunks
+    odd = tile_plan(3, 5000, 4096)
+    assert (odd.ROWS, odd.BLOCK, odd.chunks, odd.CHUNKS_PAD, odd.items) == (1, 4096, 2, 2, 6)
+    narrow = tile_plan(100, 10, 4096)
+    assert narrow.chunks == 1 and narrow.BLOCK == 16 and narrow.ROWS == 128 and narrow.items == 1
 
 
 # ---- edges through the kernel --------------------------------------------------------------

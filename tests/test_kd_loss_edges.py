@@ -255,3 +255,42 @@ def test_nan_or_pos_inf_logit_gives_nan_not_a_silent_number(v, where, divergence
     loss, _ = run(s, t, backend=backend, divergence=divergence, temperature=2.0, reduction="none")
     assert math.isnan(loss[0].item())
     assert torch.isfinite(loss[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward", "jsd"])
+def test_float16_gradient_under_a_loss_scale_is_rounded_once(divergence, backend):
+    """A float16 gradient of a batch is ~1e-7 per element, below float16's normal range.
+
+    Under ``torch.amp.GradScaler`` backward sees grad_output = 2**16: the gradient must be
+    the exact scaled gradient rounded once, not a subnormal rounding scaled up 65536-fold.
+    """
+    g = torch.Generator().manual_seed(13)
+    s = (torch.randn(64, 32000, generator=g) * 2).half()
+    t = (torch.randn(64, 32000, generator=g) * 3).half()
+    kw = dict(temperature=2.0, divergence=divergence)
+    go = torch.tensor(2.0**16)
+    loss, grad = run(s, t, grad_output=go, backend=backend, **kw)
+    loss64, grad64 = oracle(s, t, grad_output=go, **kw)
+    assert_loss_close(loss, loss64)
+    assert_grad_close(grad, grad64, torch.float16)
+
+
+@pytest.mark.parametrize("sync_in_kernel", [True, False], ids=["barrier", "phase-launches"])
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_chunked_rows_meet_in_kernel_or_across_launches(divergence, sync_in_kernel, monkeypatch):
+    """Rows wider than a tile: the in-kernel barrier (GPU) and the separate phase launches
+    (the interpreter, or a GPU where the grid cannot be resident) give the same numbers."""
+    from kdbench.kernels import kd_loss as kernel
+
+    if sync_in_kernel and not torch.cuda.is_available():
+        pytest.skip("the in-kernel barrier runs on a GPU only; the interpreter runs programs one at a time")
+    monkeypatch.setattr(kernel, "SYNC_IN_KERNEL", sync_in_kernel)
+    s, t = _inputs(5, 20000, seed=14)
+    y = torch.tensor([3, -100, 19999, 7, 0])
+    kw = dict(temperature=2.0, alpha=0.3, divergence=divergence)
+    loss, grad = run(s, t, y, grad_output=torch.tensor(0.7), backend="triton", **kw)
+    loss64, grad64 = oracle(s, t, y, grad_output=torch.tensor(0.7), **kw)
+    assert_loss_close(loss, loss64)
+    assert_grad_close(grad, grad64, torch.float32)
+    assert torch.all(grad[1] == 0)

@@ -1,0 +1,59 @@
+"""Tile-wide helpers shared by the kernels: exps against a row max, merging chunks, a fast log.
+
+A tile is ROWS x BLOCK values held in registers; row quantities are (ROWS,) vectors.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def tile_exp(z, m, scale):
+    """e = exp((z - m) * scale) for a tile z and its row max m (ROWS,); 0 for a row of -inf.
+
+    (z - m) is formed first: exact for float32 logits of any size.
+    """
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    return tl.exp2((z - shift[:, None]) * (scale * LOG2E))
+
+
+@triton.jit
+def merge_chunks(m, s, scale):
+    """Row max and sum of exp from per-chunk (m, s) of shape (ROWS, CHUNKS_PAD).
+
+    A padding chunk holds (-inf, 0).  A row with no finite logit gets M = -inf, S = NaN.
+    """
+    m_row = tl.max(m, axis=1)
+    s_row = tl.sum(s * tl.exp2((m - m_row[:, None]) * (scale * LOG2E)), axis=1)
+    return m_row, s_row
+
+
+@triton.jit
+def fast_log(x, FAST: tl.constexpr):
+    """Natural log: MUFU's lg2.approx (error about 2**-22 in log2) on a GPU, tl.log elsewhere.
+
+    tl.log lowers to libdevice's correctly rounded logf, about twenty instructions; the
+    interpreter cannot run inline PTX.  Denormals flush to zero (-inf).
+    """
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1) * LN2
+    else:
+        return tl.log(x)
+
+
+@triton.jit
+def step_item(rb, c, step_rb, step_c, R):
+    """(row block, chunk) of the item ``nprog`` items after chunk ``c`` of row block ``rb``.
+
+    Item i is chunk i % R of row block i // R; a persistent program steps by nprog items,
+    that is by (step_rb, step_c) = (nprog // R, nprog % R): no division in the loop.
+    """
+    c_next = c + step_c
+    wrap = c_next >= R
+    return rb + step_rb + wrap.to(tl.int32), tl.where(wrap, c_next - R, c_next)
