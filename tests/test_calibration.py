@@ -16,6 +16,8 @@ from torchmetrics.functional.classification import binary_calibration_error
 
 import kdbench
 from kdbench import CalibrationStats, calibration_stats
+from kdbench.reference import calibration as ref_cal
+from kdbench.reference._common import compute_dtype
 
 SHAPES = [(1, 2), (7, 3), (64, 10), (200, 37), (3, 4, 5)]
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -408,3 +410,90 @@ def test_both_binning_paths_agree(n_bins):
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
     torch.testing.assert_close(a[1], b[1], rtol=1e-13, atol=1e-13)
     assert float(a[0].sum()) == int(mask.sum())
+
+
+# ---- the GPU strategy (few large blocks, fused passes) -----------------------------------
+# Every non-CPU device takes it; here it is switched on for CPU tensors (CI has no GPU),
+# and runs on CUDA itself where a GPU is present.  Compared with the CPU strategy, the
+# only differences are the order of summation (S' and sum e^2 from one Welford pass) and
+# the exp implementation.
+
+
+ROW_TOL = {torch.float64: 1e-12, torch.float32: 3e-6, torch.float16: 3e-6, torch.bfloat16: 3e-6}
+
+
+@pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def gpu_path(request, monkeypatch):
+    """The device whose tensors take the GPU strategy, in blocks of 7 rows at C = 37."""
+    monkeypatch.setattr(ref_cal, "_DEVICE_ROW_BLOCK_ELEMENTS", 7 * 37)
+    if request.param == "cpu":
+        monkeypatch.setattr(ref_cal, "gpu_strategy", lambda device: True)
+    return request.param
+
+
+def _hard_logits(n, c, dtype, seed):
+    """Logits with ignored NaN padding, a NaN, a +inf, an all -inf and a partly -inf row, and a bad label."""
+    z, y = make_logits(n, c, dtype=torch.float64, seed=seed, ignore_frac=0.2)
+    z[y == -100] = float("nan")
+    y[:6] = torch.arange(6) % c
+    z[0, 1 % c] = float("nan")
+    z[1, 0] = float("inf")
+    z[2] = float("-inf")
+    z[3, : c // 2] = float("-inf")
+    z[4, 0] = 50.0  # a confidence of exactly 1.0 in float32 once C is small
+    y[5] = c  # a label outside [0, C): NaN statistics (CUDA does not check labels)
+    return z.to(dtype), y
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,c", [(6, 2), (40, 37), (300, 37), (23, 1000)])
+def test_gpu_strategy_rows_match_the_cpu_strategy(n, c, dtype, temperature, gpu_path):
+    z, y = _hard_logits(n, c, dtype, seed=n + c)
+    kw = dict(temperature=temperature, ignore_index=-100)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ref_cal, "gpu_strategy", lambda device: False)
+        cpu = ref_cal.calibration_rows(z, y, **kw)
+    gpu = ref_cal.calibration_rows(z.to(gpu_path), y.to(gpu_path), **kw)
+    assert torch.equal(gpu.counted.cpu(), cpu.counted) and torch.equal(gpu.pred.cpu(), cpu.pred)
+    for name in ("conf", "nll", "brier"):
+        a, b = getattr(gpu, name).cpu(), getattr(cpu, name)
+        assert a.dtype == b.dtype == compute_dtype(dtype)
+        torch.testing.assert_close(a, b, rtol=ROW_TOL[dtype], atol=ROW_TOL[dtype], equal_nan=True, msg=name)
+    assert torch.isnan(gpu.conf[[0, 1, 2, 5]].cpu()).all() and torch.isfinite(gpu.conf[[3, 4]].cpu()).all()
+
+
+@pytest.mark.parametrize("n_bins", [1, 15, 100])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gpu_strategy_means_match_the_float64_oracle(dtype, n_bins, gpu_path):
+    z, y = make_logits(300, 37, dtype=dtype, seed=n_bins, ignore_frac=0.1)
+    z[y == -100] = float("nan")
+    s = _stats(z.to(gpu_path), y.to(gpu_path), n_bins=n_bins).to("cpu")
+    conf, correct, nll, brier = oracle(z, y)
+    tol = TOL[dtype]
+    assert float(s.n) == len(conf)
+    assert s.accuracy() == pytest.approx(float(correct.mean()), abs=1e-12)
+    assert s.nll() == pytest.approx(float(nll.mean()), rel=tol, abs=tol)
+    assert s.brier() == pytest.approx(float(brier.mean()), rel=tol, abs=tol)
+    assert float(s.conf_sum.sum()) == pytest.approx(float(conf.sum()), rel=tol)
+    expected = torch.bincount(torch.floor(conf * n_bins).clamp(max=n_bins - 1).long(), minlength=n_bins)
+    assert_counts_match(s.count, expected, int(near_edge(conf, n_bins, 1e-6).sum()))
+
+
+def test_gpu_strategy_exact_confidences(gpu_path):
+    """Confidence exactly 1.0 goes to the last bin; equal logits give exactly 1/C, on the edge."""
+    z = torch.tensor([[0.0, -200.0], [5.0, float("-inf")]], device=gpu_path)
+    s = _stats(z, torch.tensor([0, 1], device=gpu_path), n_bins=4)
+    assert s.count.tolist() == [0, 0, 0, 2] and s.conf_sum.tolist() == [0, 0, 0, 2.0]
+    for temperature in (1.0, 3.0):
+        s = _stats(torch.zeros(3, 4, device=gpu_path), torch.tensor([0, 1, 2], device=gpu_path), n_bins=4,
+                   temperature=temperature)
+        assert s.count.tolist() == [0, 3, 0, 0] and s.conf_sum.tolist() == [0, 0.75, 0, 0]
+
+
+def test_gpu_strategy_uses_few_blocks():
+    """(65536, 32000) runs in 16 blocks of one 512 MiB float32 buffer; the CPU keeps 4 MiB blocks."""
+    rows = ref_cal.rows_per_block(32000, torch.device("cuda"))  # a device object needs no GPU
+    assert -(-65536 // rows) <= 16 and rows * 32000 * 4 <= 512 * 2**20
+    assert ref_cal.rows_per_block(32000, torch.device("cpu")) == (1 << 20) // 32000
+    assert ref_cal.rows_per_block(10**9, torch.device("cuda")) == 1

@@ -27,7 +27,7 @@ REDUCTIONS = ["batchmean", "sum", "none"]
 
 def _grad_output(loss: torch.Tensor, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(loss.shape, generator=g, dtype=torch.float64).to(loss.dtype)
+    return torch.randn(loss.shape, generator=g, dtype=torch.float64).to(loss.device, loss.dtype)
 
 
 def both(student, teacher, labels=None, seed=0, **kw):
@@ -63,15 +63,59 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(kd_fused, "CPU_BLOCK_ELEMS", 150)
 
 
+GPU_PATHS = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=GPU_PATHS)
+def gpu_path(request, monkeypatch):
+    """The device whose tensors take the GPU strategy (on "cpu" switched on for CPU tensors:
+    CI has no GPU; that turns the host checks off too)."""
+    return _use_path(f"gpu-strategy-{request.param}", monkeypatch)
+
+
+def _use_path(path, monkeypatch):
+    """Switch to ``path`` in blocks of 3 rows at V = 50; returns the device of the inputs.
+
+    "cpu-strategy", "sync-free-cpu-strategy" (host checks off: the branches GPUs took
+    before the GPU strategy), "gpu-strategy-cpu" (switched on for CPU tensors) or
+    "gpu-strategy-cuda".
+    """
+    monkeypatch.setattr(kd_fused, "CPU_BLOCK_ELEMS", 150)
+    monkeypatch.setattr(kd_fused, "DEVICE_BLOCK_ELEMS", 150)
+    if path == "sync-free-cpu-strategy":
+        monkeypatch.setattr(kd_fused, "_host_checks", lambda device: False)
+    elif path == "gpu-strategy-cpu":
+        monkeypatch.setattr(kd_fused, "gpu_strategy", lambda device: True)
+    return "cuda" if path.endswith("cuda") else "cpu"
+
+
+@pytest.fixture(params=["cpu-strategy", *(f"gpu-strategy-{d}" for d in GPU_PATHS)])
+def any_path(request, monkeypatch):
+    return _use_path(request.param, monkeypatch)
+
+
+@pytest.fixture(params=["sync-free-cpu-strategy", *(f"gpu-strategy-{d}" for d in GPU_PATHS)])
+def sync_free_path(request, monkeypatch):
+    return _use_path(request.param, monkeypatch)
+
+
+def _to(device, *tensors):
+    return [None if x is None else x.to(device) for x in tensors]
+
+
+def _on_cpu(result):
+    return [(loss.cpu(), grad.cpu()) for loss, grad in result]
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 @pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_equals_autograd_formula_grid(divergence, alpha, temperature, reduction, small_blocks):
+def test_equals_autograd_formula_grid(divergence, alpha, temperature, reduction, any_path):
     s, t, y = _inputs(8, 50, seed=1)
     y[[2, 6]] = -100
     kw = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=0.3, reduction=reduction)
-    assert_same(*both(s, t, y, seed=2, **kw))
+    assert_same(*both(*_to(any_path, s, t, y), seed=2, **kw))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -90,9 +134,8 @@ def test_low_precision_within_one_rounding_of_the_float64_formula(divergence, dt
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
-def test_sync_free_branches_equal_the_formula(divergence, monkeypatch, small_blocks):
-    """The branches taken on GPUs (no host checks: masks always applied) on the hard inputs."""
-    monkeypatch.setattr(kd_fused, "_host_checks", lambda device: False)
+def test_sync_free_branches_equal_the_formula(divergence, sync_free_path):
+    """Masks, garbage in ignored rows and undefined rows, without host checks."""
     s, t, y = _inputs(7, 50, seed=23)
     s[0, :3] = NEG_INF  # masks: student zeros, teacher zeros, shared zeros
     t[1, :3] = NEG_INF
@@ -100,10 +143,16 @@ def test_sync_free_branches_equal_the_formula(divergence, monkeypatch, small_blo
     y[3] = -100
     s[3, 0] = float("nan")  # garbage in an ignored row
     kw = dict(divergence=divergence, alpha=0.3, temperature=2.0, reduction="none")
-    assert_same(*both(s, t, y, seed=24, **kw))
-    t[4, 2] = POS_INF  # an undefined row is NaN on this side too
-    (loss, grad), _ = both(s, t, y, **kw)
-    assert torch.isnan(loss[4]) and torch.isnan(grad[4]).all() and not torch.isnan(loss[5])
+    fused, auto = _on_cpu(both(*_to(sync_free_path, s, t, y), seed=24, **kw))
+    assert_same(fused, auto)
+    assert torch.all(fused[0][3] == 0) and torch.all(fused[1][3] == 0)
+    t[4, 2] = POS_INF  # undefined rows are NaN on this side too, loss and whole gradient row
+    s[5] = NEG_INF
+    s[6, 7] = float("nan")
+    for alpha in (0.0, 0.3):
+        (loss, grad), _ = _on_cpu(both(*_to(sync_free_path, s, t, y), **{**kw, "alpha": alpha}))
+        assert torch.isnan(loss[4:]).all() and torch.isnan(grad[4:]).all()
+        assert torch.isfinite(loss[[2, 3]]).all() and torch.all(grad[2][s[2] == NEG_INF] == 0)
 
 
 def test_ignored_rows_with_garbage_give_zero(small_blocks):
@@ -319,8 +368,7 @@ def test_rows_per_block_fits_the_cpu_budget():
     assert kd_fused.rows_per_block(10**7, cpu) == 1  # a row wider than the budget still runs
 
 
-@settings(max_examples=40, deadline=None)
-@given(
+property_cases = given(
     n=st.integers(1, 9),
     v=st.integers(1, 60),
     seed=st.integers(0, 2**16),
@@ -331,11 +379,71 @@ def test_rows_per_block_fits_the_cpu_budget():
     beta=st.floats(0.05, 0.95),
     reduction=st.sampled_from(REDUCTIONS),
 )
-def test_property_fused_equals_autograd(n, v, seed, scale, temperature, alpha, divergence, beta, reduction):
+
+
+def _fused_equals_autograd(device, n, v, seed, scale, temperature, alpha, divergence, beta, reduction):
     g = torch.Generator().manual_seed(seed)
     s = torch.randn(n, v, generator=g, dtype=torch.float64) * scale
     t = torch.randn(n, v, generator=g, dtype=torch.float64) * scale
     y = torch.randint(0, v, (n,), generator=g)
     y[torch.rand(n, generator=g) < 0.2] = -100
     kw = dict(temperature=temperature, alpha=alpha, divergence=divergence, beta=beta, reduction=reduction)
-    assert_same(*both(s, t, y, seed=seed + 1, **kw), rtol=1e-9, atol=1e-11)
+    assert_same(*both(s.to(device), t.to(device), y.to(device), seed=seed + 1, **kw), rtol=1e-9, atol=1e-11)
+
+
+@settings(max_examples=40, deadline=None)
+@property_cases
+def test_property_fused_equals_autograd(**case):
+    _fused_equals_autograd("cpu", **case)
+
+
+# ---- the GPU strategy alone (few large blocks, fused passes, no host syncs) ----------------
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 0.7])
+@pytest.mark.parametrize("alpha", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_gpu_strategy_low_precision_within_one_rounding(divergence, dtype, alpha, temperature, gpu_path):
+    s, t, y = _inputs(7, 50, seed=3, dtype=dtype)
+    y[4] = -100
+    # "sum" keeps float16 gradients above its subnormals, whose spacing the tolerance ignores.
+    kw = dict(temperature=temperature, alpha=alpha, divergence=divergence, reduction="sum")
+    x = s.to(gpu_path).requires_grad_(True)
+    loss = kd_loss_fused(x, t.to(gpu_path), y.to(gpu_path), **{**DEFAULTS, **kw})
+    loss.backward()  # grad_output 1: a second rounding (of float16 subnormals) would blur the check
+    loss64, grad64 = oracle(s, t, y, **kw)
+    assert loss.dtype == torch.float32
+    assert_loss_close(loss.detach().cpu(), loss64)
+    assert_grad_close(x.grad.cpu(), grad64, dtype)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_strategy_is_shift_invariant_for_large_logits(divergence, dtype, gpu_path):
+    """Per-element log-ratios of max-shifted logits: a student that is the teacher plus 1e4
+    has divergence 0 and gradient 0 to rounding, not to the size of the logits."""
+    t = (torch.randn(4, 300, generator=torch.Generator().manual_seed(25)) * 3).to(dtype)
+    s = (t.double() + 1e4).to(dtype)
+    t = (s.double() - 1e4).to(dtype)  # exactly representable both ways
+    x = s.to(gpu_path).requires_grad_(True)
+    loss = kd_loss_fused(x, t.to(gpu_path), None, **{**DEFAULTS, "divergence": divergence, "temperature": 2.0})
+    loss.backward()
+    assert abs(float(loss.detach())) < 1e-6 and float(x.grad.abs().max()) < 1e-6
+
+
+def test_gpu_strategy_property(gpu_path):
+    # Hypothesis inside the test: a function-scoped fixture cannot feed @given directly.
+    settings(max_examples=25, deadline=None)(property_cases(lambda **case: _fused_equals_autograd(gpu_path, **case)))()
+
+
+def test_gpu_strategy_uses_few_blocks_and_bounded_buffers():
+    """(8192, 128256) runs in 32 blocks; the work buffers stay within 6 x 128 MiB in float32."""
+    cuda = torch.device("cuda")  # a device object needs no GPU
+    rows = kd_fused.rows_per_block(128256, cuda)
+    assert -(-8192 // rows) <= 32
+    most = max(kd_fused.gpu_buffers(kd_fused._Opts(2.0, a, d, 0.5, "batchmean", -100), True)
+               for a in (0.0, 0.5, 1.0) for d in DIVERGENCES)
+    assert most * rows * 128256 * 4 <= 6 * 128 * 2**20
+    assert kd_fused.rows_per_block(32000, torch.device("cpu")) == kd_fused.CPU_BLOCK_ELEMS // 32000
+
