@@ -102,6 +102,7 @@ class Case:
         """What a benchmark records next to its timing."""
         return {
             **asdict(self),
+            "key": self.key,
             "shape": [self.n, self.v],
             "bytes_moved": self.bytes_moved,
         }
@@ -138,7 +139,7 @@ def calibration_case(n: int, c: int, dtype: str, device: str) -> Case:
 
 
 def headline_cases(device: str, quick: bool = False) -> list[Case]:
-    """The shapes ``kdbench bench`` reports (the issue's targets are stated at these).
+    """The shapes ``kdbench bench`` reports first (most targets are stated at these).
 
     CUDA: kd_loss forward+backward on (8192, 128256) bf16 (forward KL, T = 2; JSD too,
     against Liger's JSD) and calibration_stats on (65536, 32000) bf16.  CPU: kd_loss
@@ -157,6 +158,28 @@ def headline_cases(device: str, quick: bool = False) -> list[Case]:
         divergences = ["forward"]
     out = [kd_case(*kd_shape, dtype, device, FORWARD_BACKWARD, d) for d in divergences]
     out.append(calibration_case(*cal_shape, dtype, device))
+    return out
+
+
+# (n, v, dtype) of the extra CUDA shapes: few classes in float32, a mid-size vocabulary,
+# a very wide one.  ``quick`` keeps the dtypes and the widths' character at tiny sizes.
+EXTRA_SHAPES_CUDA = ((65536, 1000, "float32"), (16384, 32000, "bfloat16"), (4096, 262144, "bfloat16"))
+EXTRA_SHAPES_CUDA_QUICK = ((512, 1000, "float32"), (64, 32000, "bfloat16"), (8, 262144, "bfloat16"))
+
+
+def extra_cases(device: str, quick: bool = False) -> list[Case]:
+    """Shapes ``kdbench bench`` reports after the headline ones, on CUDA only.
+
+    At each of :data:`EXTRA_SHAPES_CUDA`: kd_loss forward+backward (forward KL, T = 2)
+    and calibration_stats.  They are timed with fewer repeats and without the slow
+    providers (see :data:`kdbench.bench.providers.EXTRA_SHAPE_SKIPS`); their target is
+    kdbench-triton against ``torch.compile``.  None on CPU.
+    """
+    if not device.startswith("cuda"):
+        return []
+    shapes = EXTRA_SHAPES_CUDA_QUICK if quick else EXTRA_SHAPES_CUDA
+    out = [kd_case(n, v, dtype, device, FORWARD_BACKWARD) for n, v, dtype in shapes]
+    out += [calibration_case(n, v, dtype, device) for n, v, dtype in shapes]
     return out
 
 

@@ -51,8 +51,15 @@ def time_round_robin(
     device: str,
     repeats: int,
     warmup: int = 1,
+    budget_s: float | None = None,
+    min_repeats: int = 5,
 ) -> dict[str, list[float]]:
-    """Per-call seconds of each function, ``repeats`` rounds of one call each, after ``warmup`` rounds."""
+    """Per-call seconds of each function, ``repeats`` rounds of one call each, after ``warmup`` rounds.
+
+    ``budget_s``: a function stops being timed once it has ``min_repeats`` calls and they
+    add up to ``budget_s`` seconds (a provider 100x slower than the rest would otherwise
+    take most of the run); the others keep their rounds.
+    """
     if repeats < 1:
         raise ValueError(f"repeats: expected >= 1, got {repeats}")
     for _ in range(warmup):
@@ -61,7 +68,10 @@ def time_round_robin(
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(time_once(fn, device))
+            t = times[name]
+            if budget_s is not None and len(t) >= min_repeats and sum(t) >= budget_s:
+                continue
+            t.append(time_once(fn, device))
     return times
 
 

@@ -67,12 +67,35 @@ def test_liger_matches_oracle(divergence):
         assert all(e <= providers.KD_TOL["float32"] for e in errors.values())
 
 
-@pytest.mark.parametrize("name", providers.CALIBRATION_PROVIDERS)
+@pytest.mark.parametrize("name", [p for p in providers.CALIBRATION_PROVIDERS if p != "compile"])
 def test_calibration_provider_matches_oracle(name):
     if name == "torchmetrics":
         pytest.importorskip("torchmetrics")
     errors = _check(name, cases.calibration_case(200, 50, "float32", DEVICE))
     assert errors["ece"] <= providers.ECE_ATOL["torchmetrics" if name == "torchmetrics" else "kdbench"]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_eager_calibration_statistics_match_kdbench(dtype):
+    """The plain PyTorch statistics that ``compile`` compiles: every sum, on rows with ties and a confidence of 1."""
+    import kdbench
+
+    z, y = cases.calibration_case(300, 40, dtype, "cpu").inputs(seed=3)
+    z[0] = 0.0  # a tie everywhere: prediction 0, confidence 1/40
+    z[1, 7] = 1e4  # confidence 1.0: the last bin
+    sums = providers._eager_calibration(15)(z, y)
+    ref = kdbench.calibration_stats(z, y, n_bins=15, backend="torch")
+    for got, want in zip(sums, (ref.count, ref.conf_sum, ref.correct_sum, ref.nll_sum, ref.brier_sum)):
+        assert got.dtype == torch.float64 and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_calibration_matches_oracle():
+    """torch.compile of the plain statistics (seconds: one compile), checked like kdbench's: ECE, NLL, Brier, accuracy."""
+    errors = _check("compile", cases.calibration_case(200, 50, "float32", DEVICE))
+    assert set(errors) == {"ece", "nll", "brier", "accuracy"}
+    assert errors["ece"] <= providers.ECE_ATOL["kdbench"] and errors["accuracy"] == 0.0
 
 
 def test_calibration_inputs_look_like_a_trained_model():
@@ -120,6 +143,19 @@ def test_check_rejects_a_wrong_ece(monkeypatch):
     pytest.importorskip("torchmetrics")
     with pytest.raises(AssertionError, match="ece"):
         _check("torchmetrics", cases.calibration_case(200, 50, "float32", DEVICE))
+
+
+def test_compare_reports_errors_over_tolerance_without_raising(monkeypatch):
+    real = providers.kd_loss_fn
+    monkeypatch.setattr(providers, "kd_loss_fn", lambda name, case: (lambda s, t: real(name, case)(s, t) * 1.01))
+    case = _kd(direction=FORWARD)
+    a, b = case.inputs(seed=1)
+    runner = providers.Runner("eager", case, a, b)
+    over = runner.compare(providers.make_oracle(case, a, b))
+    assert set(over) == {"loss_rel"} and over["loss_rel"] == (runner.errors["loss_rel"], providers.KD_TOL["float32"])
+    assert runner.errors["loss_rel"] == pytest.approx(0.01, rel=1e-3)
+    assert "loss_rel" in runner.too_large() and "eager on kd_loss" in runner.too_large()
+    assert providers.STRICT_PROVIDERS == ("kdbench-triton", "kdbench-torch")
 
 
 # ---- availability --------------------------------------------------------------------------
@@ -175,7 +211,30 @@ def test_headline_cases_are_the_targets_shapes():
     assert (gpu[-1].op, gpu[-1].n, gpu[-1].v) == (CALIBRATION, 65536, 32000)
 
 
+def test_extra_cases_cover_both_ops_at_each_extra_shape_on_cuda_only():
+    assert cases.extra_cases("cpu") == [] and cases.extra_cases("cpu", quick=True) == []
+    extra = cases.extra_cases("cuda")
+    want = {(65536, 1000, "float32"), (16384, 32000, "bfloat16"), (4096, 262144, "bfloat16")}
+    for op in (KD_LOSS, CALIBRATION):
+        assert {(c.n, c.v, c.dtype) for c in extra if c.op == op} == want
+    assert all(c.direction == FORWARD_BACKWARD and c.divergence == "forward" for c in extra if c.op == KD_LOSS)
+    quick = cases.extra_cases("cuda", quick=True)
+    assert len(quick) == 6 and all(c.n * c.v <= 2**22 for c in quick)
+    assert all(c.key not in {h.key for h in cases.headline_cases("cuda")} for c in extra)
+
+
 # ---- measurements ----------------------------------------------------------------------------
+
+
+def test_round_robin_budget_stops_a_slow_function_after_min_repeats(monkeypatch):
+    clock = {"a": 0.01, "slow": 2.0}
+    monkeypatch.setattr(measure, "time_once", lambda fn, device: clock[fn()])
+    times = measure.time_round_robin({"a": lambda: "a", "slow": lambda: "slow"}, "cpu", 20, warmup=0, budget_s=5.0,
+                                     min_repeats=4)  # fmt: skip
+    assert len(times["a"]) == 20 and len(times["slow"]) == 4  # 4 calls of 2 s: past the budget
+    times = measure.time_round_robin({"slow": lambda: "slow"}, "cpu", 20, warmup=0, budget_s=1.0, min_repeats=3)
+    assert len(times["slow"]) == 3  # never fewer than min_repeats
+    assert len(measure.time_round_robin({"slow": lambda: "slow"}, "cpu", 7, warmup=0)["slow"]) == 7  # no budget
 
 
 def test_round_robin_timing_shapes_and_validation():
@@ -232,7 +291,154 @@ def test_cpu_target_met_missed_and_unmeasured():
 
 def test_gpu_targets_unmeasured_without_their_shape():
     out = report.evaluate_targets(_report(1.0, 0.5, device="h200"))
-    assert len(out) == 7 and all(t["met"] is None for t in out)
+    # 8 targets at the headline shapes, one per measured case (kdbench-triton vs compile): no triton here.
+    assert len(out) == 9 and all(t["met"] is None for t in out)
+    assert all("not measured" in t["note"] for t in out)
+
+
+def _ok(ms: float, **extra) -> dict:
+    return {"status": "ok", "median_s": ms / 1e3, **extra}
+
+
+def _gpu_report(extra_cases=()) -> dict:
+    """A fake H200 report at the headline shapes (milliseconds chosen to meet or miss each target)."""
+    kd = cases.kd_case(8192, 128256, "bfloat16", "cuda", FORWARD_BACKWARD, "forward")
+    jsd = cases.kd_case(8192, 128256, "bfloat16", "cuda", FORWARD_BACKWARD, "jsd")
+    cal = cases.calibration_case(65536, 32000, "bfloat16", "cuda")
+    kd_results = {
+        "kdbench-triton": _ok(2.0, pct_copy_bw=75.0, peak_over_grad=1.0),
+        "kdbench-torch": _ok(20.0),
+        "eager": _ok(16.0),
+        "compile": _ok(6.0),
+    }
+    jsd_results = {"kdbench-triton": _ok(2.8), "eager": _ok(17.0, over_tolerance={"grad_rel_to_max": {}})}
+    cal_results = {"kdbench-triton": _ok(1.5, pct_copy_bw=79.0), "kdbench-torch": _ok(17.0), "torchmetrics": _ok(17.5)}
+    out = [
+        {"case": kd.info(), "title": kd.title, "results": kd_results},
+        {"case": jsd.info(), "title": jsd.title, "results": jsd_results},
+        {"case": cal.info(), "title": cal.title, "results": cal_results},
+    ]
+    return {"device": "h200", "cases": out + list(extra_cases)}
+
+
+def test_gpu_targets_met_and_missed():
+    got = {t["name"]: t for t in report.evaluate_targets(_gpu_report())}
+    fkl = "kd_loss fwd+bwd forward KL: "
+    assert got[fkl + ">= 70% of copy bandwidth"]["met"] is True
+    assert got[fkl + ">= 2.5x torch.compile"]["value"] == pytest.approx(3.0) and got[fkl + ">= 2.5x torch.compile"]["met"]
+    assert got[fkl + "peak extra memory <= 1.1x the gradient"]["met"] is True
+    jsd = got["kd_loss fwd+bwd JSD: <= 1.3x the time of forward KL (both kdbench-triton)"]
+    assert jsd["value"] == pytest.approx(1.4) and jsd["met"] is False  # 2.8 ms against forward KL's 2.0 ms
+    assert got["calibration_stats: >= 80% of copy bandwidth"]["met"] is False
+    assert got["calibration_stats: >= 12x torchmetrics"]["value"] == pytest.approx(17.5 / 1.5)
+    assert got["calibration_stats: >= 12x torchmetrics"]["met"] is False
+    torch_kd = got["kd_loss fwd+bwd forward KL (torch backend on CUDA): <= 1.2x the time of eager"]
+    assert torch_kd["value"] == pytest.approx(1.25) and torch_kd["met"] is False
+    assert got["calibration_stats (torch backend on CUDA): <= the time of torchmetrics"]["met"] is True
+    per_case = [t for name, t in got.items() if name.startswith("no slower than torch.compile: ")]
+    assert len(per_case) == 3  # one per measured case
+    assert per_case[0]["met"] is True  # forward KL: 2 ms against compile's 6 ms
+    assert all("compile absent" in t["note"] for t in per_case[1:])  # the fake JSD and calibration cases have no compile
+
+
+def test_jsd_target_needs_the_forward_kl_case():
+    data = _gpu_report()
+    data["cases"] = data["cases"][1:]  # no forward-KL case measured
+    got = {t["name"]: t for t in report.evaluate_targets(data)}
+    jsd = got["kd_loss fwd+bwd JSD: <= 1.3x the time of forward KL (both kdbench-triton)"]
+    assert jsd["met"] is None and "did not include" in jsd["note"]
+    data = _gpu_report()
+    data["cases"][0]["results"]["kdbench-triton"] = {"status": "wrong", "reason": "loss off"}
+    got = {t["name"]: t for t in report.evaluate_targets(data)}
+    jsd = got["kd_loss fwd+bwd JSD: <= 1.3x the time of forward KL (both kdbench-triton)"]
+    assert jsd["met"] is None and jsd["note"] == "not measured: kdbench-triton wrong: loss off"
+
+
+def test_every_cuda_case_gets_a_compile_target_and_over_tolerance_is_noted():
+    wide = cases.kd_case(4096, 262144, "bfloat16", "cuda", FORWARD_BACKWARD, "forward")
+    results = {"kdbench-triton": _ok(3.0), "compile": _ok(2.5, over_tolerance={"loss_rel": {}})}
+    data = _gpu_report([{"case": wide.info(), "title": wide.title, "results": results, "extra": True}])
+    got = {t["name"]: t for t in report.evaluate_targets(data)}
+    t = got[f"no slower than torch.compile: {wide.title}"]
+    assert t["value"] == pytest.approx(2.5 / 3.0) and t["met"] is False
+    assert t["note"] == "compile over tolerance vs float64"
+    assert not any(name.startswith("no slower") for name in {t["name"] for t in report.evaluate_targets(_report(1, 0.5))})
+
+
+def _fake_report(case_entries: list, **extra) -> dict:
+    return {"device": "h200", "date": "d", "command": "c", "kdbench_version": "v", "machine": {"cpu": "x"},
+            "copy_bandwidth": {"GB/s": 10.0, "bytes": 2 << 20}, "targets": [], "cases": case_entries, **extra}  # fmt: skip
+
+
+def _timed(ms: float, **extra) -> dict:
+    return {"status": "ok", "median_s": ms / 1e3, "min_s": ms / 1e3, "GB/s": 1.0, "pct_copy_bw": 10.0, "repeats": 20,
+            "errors": {"loss_rel": 1e-7, "grad_rel_to_max": 2e-3}, **extra}  # fmt: skip
+
+
+def test_over_tolerance_is_loud_in_the_row():
+    case = cases.kd_case(8192, 128256, "bfloat16", "cuda", FORWARD_BACKWARD, "jsd")
+    eager = _timed(17.0, over_tolerance={"grad_rel_to_max": {"error": 0.063, "bound": 0.06}})
+    eager["errors"]["grad_rel_to_max"] = 0.063
+    md = report.render_markdown(_fake_report([{"case": case.info(), "title": case.title, "results": {"eager": eager}}]))
+    row = next(line for line in md.splitlines() if line.startswith("| eager |"))
+    assert row.endswith("| **over tolerance: grad_rel_to_max 6.3e-02 (limit 6.0e-02)**; loss_rel 1.0e-07 |")
+    assert "over tolerance" not in report._errors_cell(_timed(1.0))
+
+
+def test_baseline_columns(tmp_path):
+    kd = cases.kd_case(8192, 128256, "bfloat16", "cuda", FORWARD_BACKWARD, "forward")
+    cal = cases.calibration_case(65536, 32000, "bfloat16", "cuda")
+    path = tmp_path / "before.json"
+    path.write_text(json.dumps({"source": "run X at commit abc, 2026-12-04, H200", kd.key: {"kdbench-triton": 4.5, "eager": 16.0}}))
+    baseline = report.load_baseline(path)
+    assert baseline == {"source": "run X at commit abc, 2026-12-04, H200", "file": str(path),
+                        "medians_ms": {kd.key: {"kdbench-triton": 4.5, "eager": 16.0}}}  # fmt: skip
+    kd_results = {"kdbench-triton": _timed(3.0), "eager": _timed(16.0), "liger": {"status": "skipped", "reason": "x"}}
+    entries = [
+        {"case": kd.info(), "title": kd.title, "results": kd_results},
+        {"case": cal.info(), "title": cal.title, "results": {"kdbench-triton": _timed(5.0)}},
+    ]
+    md = report.render_markdown(_fake_report(entries, baseline=baseline))
+    assert f"Baseline (the \"before\" columns, from `{path}`): run X at commit abc, 2026-12-04, H200" in md
+    lines = md.splitlines()
+    head = next(line for line in lines if line.startswith("| provider |"))
+    assert "| % copy bw | before (median ms) | speed-up vs before | peak extra memory |" in head
+    assert "| kdbench-triton | 3.000 | 3.000 | 1.0 | 10.0 | 4.500 | 1.50x | n/a |" in md
+    assert "| eager | 16.000 | 16.000 | 1.0 | 10.0 | 16.000 | 1.00x | n/a |" in md
+    skipped = next(line for line in lines if line.startswith("| liger |"))
+    assert skipped.count("|") == head.count("|")  # a row of the same width
+    assert "| kdbench-triton | 5.000 | 5.000 | 1.0 | 10.0 | – | – | n/a |" in md  # a case the baseline lacks
+    assert "before (median ms)" not in report.render_markdown(_fake_report(entries))  # no baseline, no column
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("[1, 2]", "source"),
+        ('{"k": {"eager": 1.0}}', "source"),
+        ('{"source": "s", "k": {"eager": "fast"}}', "'k'"),
+        ('{"source": "s", "k": {"eager": -1}}', "median ms > 0"),
+        ('{"source": "s", "k": [1.0]}', "'k'"),
+        ("{", "not JSON"),
+    ],
+)
+def test_bad_baseline_files_are_clear_errors(tmp_path, content, match):
+    path = tmp_path / "b.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        report.load_baseline(path)
+    with pytest.raises(ValueError, match="cannot read"):
+        report.load_baseline(tmp_path / "missing.json")
+
+
+def test_committed_h200_baseline_covers_the_headline_cases():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "results" / "bench" / "h200-before.json"
+    baseline = report.load_baseline(path)
+    assert set(baseline["medians_ms"]) == {c.key for c in cases.headline_cases("cuda")}
+    assert "7eec0a8" in baseline["source"] and "2026-12-04" in baseline["source"] and "H200" in baseline["source"]
+    assert baseline["medians_ms"]["kd_loss-forward+backward-forward-8192x128256-bfloat16"]["kdbench-triton"] == 4.596
 
 
 def test_reports_are_written_whole(tmp_path):
