@@ -1,4 +1,4 @@
-"""``kdbench bench --check``: the one prepared command for a GPU session.
+"""``kdbench bench --check``: the one prepared command for a GPU machine.
 
 Sized for an H200 with torch 2.11 / triton 3.6 to finish within 6 minutes including
 the machine's start-up and the ``pip install`` (about 60 s): two steps, 260 s of limits
