@@ -1,6 +1,6 @@
 """Per-tile formulas and helpers of the fused distillation loss (``kd_loss.py``), in float32.
 
-Also here: loading a work item, gathering a chunked row's workspace, and the kernel
+Also here: gathering a chunked row's workspace, and the kernel
 that scales a stored gradient by grad_output in backward.
 
 A tile is ROWS x BLOCK logits held in registers.  Row quantities are (ROWS,) vectors.
@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kdbench.kernels._tile_math import LOG2E, fast_log
+from kdbench.kernels._tile_math import fast_log, rescale
 from kdbench.kernels._utils import cast_for_store
 
 # Below any finite log-ratio of float32 logits; p * (-BIG) is 0 for p == 0.
@@ -37,7 +37,7 @@ BIG = tl.constexpr(3.0e38)
 @triton.jit
 def prob_factor(m_tile, m_row, s_row, scale):
     """r with p = e * r for a tile whose e was taken against its own max ``m_tile``."""
-    return tl.exp2((m_tile - m_row) * (scale * LOG2E)) / s_row
+    return rescale(m_tile, m_row, scale) / s_row
 
 
 @triton.jit
@@ -58,34 +58,6 @@ def jsd_log_ratios(ls, lt, p_s, p_t, beta, ub_s, ub_t, FAST_LOG: tl.constexpr):
     d_s = tl.minimum(plog(ls - log_m), ub_s)
     d_t = tl.minimum(plog(lt - log_m), ub_t)
     return d_s, d_t
-
-
-@triton.jit
-def load_item(
-    rb, c, s_ptr, s_stride, t_ptr, t_stride, y_ptr, N, V, ignore_index,
-    HAS_LABELS: tl.constexpr, HAS_SOFT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """Raw logits (ROWS, BLOCK) of chunk ``c`` of row block ``rb``, and its rows' labels.
-
-    Nothing is read for rows past the end or rows that do not count (-inf comes back).
-    """
-    rows = rb.to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    live = rows < N
-    if HAS_LABELS:
-        y = tl.load(y_ptr + rows, mask=live, other=ignore_index)
-        counted = live & (y != ignore_index)
-    else:
-        y = tl.zeros([ROWS], tl.int64)
-        counted = live
-    cols = c * BLOCK + tl.arange(0, BLOCK)
-    mask = counted[:, None] & (cols[None, :] < V)
-    z = tl.load(s_ptr + rows[:, None] * s_stride + cols[None, :], mask=mask, other=float("-inf"),
-                eviction_policy="evict_first")
-    zt = z
-    if HAS_SOFT:
-        zt = tl.load(t_ptr + rows[:, None] * t_stride + cols[None, :], mask=mask, other=float("-inf"),
-                     eviction_policy="evict_first")
-    return z, zt, y
 
 
 @triton.jit

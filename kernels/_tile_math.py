@@ -13,13 +13,24 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
+def finite_shift(m):
+    """A row max as a shift: 0 for a row with no finite value (-inf - -inf would be NaN)."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def tile_exp(z, m, scale):
     """e = exp((z - m) * scale) for a tile z and its row max m (ROWS,); 0 for a row of -inf.
 
     (z - m) is formed first: exact for float32 logits of any size.
     """
-    shift = tl.where(m == float("-inf"), 0.0, m)
-    return tl.exp2((z - shift[:, None]) * (scale * LOG2E))
+    return tl.exp2((z - finite_shift(m)[:, None]) * (scale * LOG2E))
+
+
+@triton.jit
+def rescale(m, m_row, scale):
+    """exp((m - m_row) * scale): the factor that moves exps taken against m to m_row (0 for m = -inf)."""
+    return tl.exp2((m - m_row) * (scale * LOG2E))
 
 
 @triton.jit
@@ -29,8 +40,7 @@ def merge_chunks(m, s, scale):
     A padding chunk holds (-inf, 0).  A row with no finite logit gets M = -inf, S = NaN.
     """
     m_row = tl.max(m, axis=1)
-    s_row = tl.sum(s * tl.exp2((m - m_row[:, None]) * (scale * LOG2E)), axis=1)
-    return m_row, s_row
+    return m_row, tl.sum(s * rescale(m, m_row[:, None], scale), axis=1)
 
 
 @triton.jit
@@ -57,3 +67,32 @@ def step_item(rb, c, step_rb, step_c, R):
     c_next = c + step_c
     wrap = c_next >= R
     return rb + step_rb + wrap.to(tl.int32), tl.where(wrap, c_next - R, c_next)
+
+
+@triton.jit
+def load_item(
+    rb, c, s_ptr, s_stride, t_ptr, t_stride, y_ptr, N, V, ignore_index,
+    HAS_LABELS: tl.constexpr, HAS_SOFT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Raw logits (ROWS, BLOCK) of chunk ``c`` of row block ``rb`` from one tensor (two when
+    HAS_SOFT: the student's and the teacher's, else the first twice), and the rows' labels.
+
+    Nothing is read for rows past the end or rows that do not count (-inf comes back).
+    """
+    rows = rb.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    live = rows < N
+    if HAS_LABELS:
+        y = tl.load(y_ptr + rows, mask=live, other=ignore_index)
+        counted = live & (y != ignore_index)
+    else:
+        y = tl.zeros([ROWS], tl.int64)
+        counted = live
+    cols = c * BLOCK + tl.arange(0, BLOCK)
+    mask = counted[:, None] & (cols[None, :] < V)
+    z = tl.load(s_ptr + rows[:, None] * s_stride + cols[None, :], mask=mask, other=float("-inf"),
+                eviction_policy="evict_first")
+    zt = z
+    if HAS_SOFT:
+        zt = tl.load(t_ptr + rows[:, None] * t_stride + cols[None, :], mask=mask, other=float("-inf"),
+                     eviction_policy="evict_first")
+    return z, zt, y

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from kdbench._checks import interpreter_on
-from kdbench.kernels._tile_math import LOG2E, merge_chunks, step_item, tile_exp
+from kdbench.kernels._tile_math import LOG2E, finite_shift, load_item, merge_chunks, step_item, tile_exp
 from kdbench.kernels._utils import as_rows, pick_config, resident_programs, tile_plan
 from kdbench.reference.calibration import CalibrationRows
 
@@ -105,14 +105,16 @@ def _chunk_stats_kernel(
     step_c = nprog - step_rb * R
     rb_next = pid // R
     c_next = pid - rb_next * R
-    x_next, y_next = _load_rows(rb_next, c_next, x_ptr, x_stride, y_ptr, N, C, ignore_index, ROWS, BLOCK)
+    x_next, _, y_next = load_item(rb_next, c_next, x_ptr, x_stride, x_ptr, x_stride, y_ptr, N, C, ignore_index,
+                                  True, False, ROWS, BLOCK)
     for it in range(pid, n_items, nprog):
         x_raw, y = x_next, y_next
         rb = rb_next
         c = c_next
         rb_next, c_next = step_item(rb, c, step_rb, step_c, R)
         # The next item's loads go out now and land while this one is worked on.
-        x_next, y_next = _load_rows(rb_next, c_next, x_ptr, x_stride, y_ptr, N, C, ignore_index, ROWS, BLOCK)
+        x_next, _, y_next = load_item(rb_next, c_next, x_ptr, x_stride, x_ptr, x_stride, y_ptr, N, C, ignore_index,
+                                      True, False, ROWS, BLOCK)
 
         rows = rb.to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = c * BLOCK + tl.arange(0, BLOCK)
@@ -133,23 +135,6 @@ def _chunk_stats_kernel(
         tl.store(stat_ptr + out + 1, s_rest, mask=live)
         tl.store(stat_ptr + out + 2, q_rest, mask=live)
         tl.store(arg_ptr + rows * R + c, arg, mask=live)
-
-
-@triton.jit
-def _load_rows(rb, c, x_ptr, x_stride, y_ptr, N, C, ignore_index, ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    """Raw logits (ROWS, BLOCK) of chunk ``c`` of row block ``rb``, and the rows' labels.
-
-    Rows past the end or ignored are not read (-inf comes back).
-    """
-    rows = rb.to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    live = rows < N
-    y = tl.load(y_ptr + rows, mask=live, other=ignore_index)
-    counted = live & (y != ignore_index)
-    cols = c * BLOCK + tl.arange(0, BLOCK)
-    mask = counted[:, None] & (cols[None, :] < C)
-    x = tl.load(x_ptr + rows[:, None] * x_stride + cols[None, :], mask=mask, other=float("-inf"),
-                eviction_policy="evict_first")
-    return x, y
 
 
 @triton.jit
@@ -202,8 +187,7 @@ def _finish_kernel(
         arg = tl.min(tl.where(m_c == m[:, None], arg_c, _NO_COLUMN), axis=1).to(tl.int64)
 
         z_y = tl.load(x_ptr + rows * x_stride + safe_label, mask=counted, other=0.0).to(tl.float32)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        dy = (z_y - m_safe) * inv_t  # (z_y - M) / T, exact when they are close
+        dy = (z_y - finite_shift(m)) * inv_t  # (z_y - M) / T, exact when they are close
         e_y = tl.exp2(dy * LOG2E)
         s = s_rest + e_y
         conf = tl.math.div_rn(tl.full([BLOCK_N], 1.0, tl.float32), s)

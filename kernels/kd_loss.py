@@ -96,16 +96,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kdbench.kernels._kd_math import (
-    gather_chunks,
-    jsd_log_ratios,
-    load_item,
-    plog,
-    prob_factor,
-    scale_grad_kernel,
-    splat,
-)
-from kdbench.kernels._tile_math import merge_chunks, step_item, tile_exp
+from kdbench.kernels._kd_math import gather_chunks, jsd_log_ratios, plog, prob_factor, scale_grad_kernel, splat
+from kdbench.kernels._tile_math import finite_shift, load_item, merge_chunks, step_item, tile_exp
 from kdbench.kernels._utils import (
     arrive_and_wait,
     as_rows,
@@ -277,12 +269,6 @@ def _kd_kernel(
                                             gather_chunks(ws_row, 3, R, counted, CHUNKS_PAD, 0.0), inv_t)
                 if SEP_E1:
                     _, S_1 = merge_chunks(m_all, gather_chunks(ws_row, 4, R, counted, CHUNKS_PAD, 0.0), 1.0)
-                if HAS_SOFT and DIVERGENCE == 1:
-                    # K = KL(p_s || p_t), from every chunk's (max, sum, sum e (z_s - z_t)).
-                    c0 = tl.where(counted, (M_s - M_t) * inv_t + tl.log(S_s / S_t), 0.0)
-                    r_all = prob_factor(m_all, M_s[:, None], S_s[:, None], inv_t)
-                    b_all = gather_chunks(ws_row, 5, R, counted, CHUNKS_PAD, 0.0)
-                    k_row = tl.sum(tl.where(s_all > 0, r_all * (b_all * inv_t - c0[:, None] * s_all), 0.0), axis=1)
                 # The merged values live in the layout of the (1, CHUNKS_PAD) gathers; as
                 # scalars splatted back they take the tile's, with no layout conversion of a tile
                 # (Triton 3.6 would otherwise move a whole tile through shared memory).
@@ -291,7 +277,6 @@ def _kd_kernel(
                 M_t = splat(M_t, ROWS)
                 S_t = splat(S_t, ROWS)
                 S_1 = splat(S_1, ROWS)
-                k_row = splat(k_row, ROWS)
         if not SEP_E1:
             S_1 = S_s
         if PHASE != STATS:
@@ -316,15 +301,20 @@ def _kd_kernel(
                     loss = r_t * (a * inv_t + c0 * s_t)
                 elif DIVERGENCE == 1:
                     loss = r_s * (a * inv_t - c0 * s_s)
-                    if not CHUNKED:
-                        k_row = loss
+                    k_row = loss
+                    if CHUNKED:
+                        # K = KL(p_s || p_t): every chunk's part, from its (max, sum, sum e (z_s - z_t)).
+                        r_all = prob_factor(m_all, M_s[:, None], S_s[:, None], inv_t)
+                        b_all = gather_chunks(ws_row, 5, R, counted, CHUNKS_PAD, 0.0)
+                        k_all = tl.where(s_all > 0, r_all * (b_all * inv_t - c0[:, None] * s_all), 0.0)
+                        k_row = splat(tl.sum(k_all, axis=1), ROWS)
                 else:
                     p_s = e_s * r_s[:, None]
                     p_t = e_t * r_t[:, None]
                     ln_s = tl.log(S_s)
                     ln_t = tl.log(S_t)
-                    ls = (z - tl.where(M_s == float("-inf"), 0.0, M_s)[:, None]) * inv_t - ln_s[:, None]
-                    lt = (zt - tl.where(M_t == float("-inf"), 0.0, M_t)[:, None]) * inv_t - ln_t[:, None]
+                    ls = (z - finite_shift(M_s)[:, None]) * inv_t - ln_s[:, None]
+                    lt = (zt - finite_shift(M_t)[:, None]) * inv_t - ln_t[:, None]
                     q, d_t = jsd_log_ratios(ls, lt, p_s, p_t, beta, ub_s, ub_t, FAST_LOG)
                     k_part, l_t = tl.sum(p_s * q, 1), tl.sum(p_t * d_t, 1)
                     loss = beta * l_t + (1.0 - beta) * k_part
@@ -427,15 +417,14 @@ def _launch(
         num_stages=1,
         enable_fp_fusion=True,
     )
-    g_arg = grad if grad is not None else part
-    args = [
-        s2, s2.stride(0), t2, t2.stride(0), y if y is not None else part, part, g_arg,
-        grad.stride(0) if grad is not None else 0, scale, go if go is not None else scale, ws, None, n, v, r,
+    cnt = torch.zeros(n, dtype=torch.int32, device=device) if chunked else part
+    args = (
+        s2, s2.stride(0), t2, t2.stride(0), y if y is not None else part, part, grad if grad is not None else part,
+        grad.stride(0) if grad is not None else 0, scale, go if go is not None else scale, ws, cnt, n, v, r,
         plan.items, inv_t, (1.0 - alpha) * temperature * temperature, alpha, beta, -math.log1p(-beta),
         -math.log(beta), ignore_index,
-    ]  # fmt: skip
+    )  # fmt: skip
     interpret = interpreter_on() or device.type != "cuda"
-    args[11] = torch.zeros(n, dtype=torch.int32, device=device) if chunked else part
     programs = plan.items
     in_kernel = chunked and SYNC_IN_KERNEL and not interpret
     if not interpret:
