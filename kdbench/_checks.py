@@ -107,10 +107,15 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
-    """"auto" means the fused kernels on CUDA tensors of a kernel dtype, the reference otherwise."""
+def resolve_backend(backend: str, tensor: torch.Tensor, *others: torch.Tensor) -> str:
+    """"auto" means the fused kernels on CUDA tensors of a kernel dtype, the reference otherwise.
+
+    ``tensor`` decides the device; it and ``others`` (a teacher's logits) all decide the
+    dtype: a float64 among them asks for float64 arithmetic, which only the reference has.
+    """
+    has_float64 = any(t.dtype == torch.float64 for t in (tensor, *others))
     if backend == "auto":
-        if tensor.is_cuda and tensor.dtype != torch.float64 and triton_available():
+        if tensor.is_cuda and not has_float64 and triton_available():
             return "triton"
         return "torch"
     if backend == "triton":
@@ -121,9 +126,9 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
                 "backend: 'triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
                 "set before triton is imported; use backend='torch' or 'auto' on CPU"
             )
-        if tensor.dtype == torch.float64:
+        if has_float64:
             raise TypeError(
                 "backend: the triton kernels accumulate in float32 and take float32/float16/bfloat16 "
-                "logits; use backend='torch' for float64"
+                "logits, got a float64 input; use backend='torch' (or 'auto') for float64"
             )
     return backend

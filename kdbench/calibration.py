@@ -18,6 +18,9 @@ Definitions (N counted rows of C classes, M bins, temperature T > 0):
   MCE = max over non-empty bins of |acc_m - conf_m|.
 * NLL = mean of -log p_y;  Brier = mean of sum_k (p_k - 1[y = k])^2.
 * Rows whose label equals ``ignore_index`` are left out everywhere.
+* ``inputs="probs"`` takes rows of probabilities p instead of logits: they go through
+  the same path as the logits log p (softmax(log p) = p), so the statistics are those
+  of p itself, and a temperature gives softmax(log(p) / T), proportional to p^(1/T).
 
 The statistics are sums, float64, of fixed size (3 M + 3 numbers): they add across
 batches, epochs and ranks, and the metrics are computed from the sums at the end.
@@ -27,6 +30,7 @@ Temperature scaling (``fit_temperature``) lives in :mod:`kdbench.temperature`.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, fields
 from typing import NamedTuple
 
@@ -34,8 +38,21 @@ import torch
 
 from kdbench import _checks
 from kdbench.reference import calibration as ref
+from kdbench.reference._common import compute_dtype
 
 NORMS = ("l1", "l2", "max")
+INPUTS = ("auto", "logits", "probs")
+# Counted rows that inputs="auto" inspects for the look of probabilities: a fixed, tiny cost.
+SNIFF_ROWS = 8
+
+
+def prob_sum_tolerance(dtype: torch.dtype) -> float:
+    """How far from 1 a row of probabilities in ``dtype`` may sum.
+
+    float16 / bfloat16 probabilities carry one rounding each (up to 2**-8 relative in
+    bfloat16), and the small ones of a wide row underflow in float16.
+    """
+    return 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-3
 
 
 def check_n_bins(n_bins: object) -> int:
@@ -264,7 +281,15 @@ def check_inputs(
     temperature: object,
     ignore_index: object,
     backend: object,
+    *,
+    inputs: object = "logits",
 ) -> tuple[torch.Tensor, torch.Tensor, float, int, str]:
+    """Validate the arguments; returns (logits (N, C), labels (N,), T, ignore_index, backend).
+
+    ``inputs`` (see :func:`calibration_stats`): "probs" checks the rows on CPU, "auto"
+    warns when its sample of rows looks like probabilities; the logits are returned as
+    given either way.
+    """
     _checks.check_logits("logits", logits)
     assert isinstance(logits, torch.Tensor)
     if logits.dim() < 2:
@@ -280,7 +305,77 @@ def check_inputs(
         raise ValueError(f"labels: expected device {logits.device} (that of logits), got {labels.device}")
     t = _checks.check_temperature(temperature)
     b = _checks.check_backend(backend)
-    return logits.reshape(-1, c), labels.reshape(-1), t, ignore_index, b
+    mode = _checks.check_choice("inputs", inputs, INPUTS)
+    z, y = logits.reshape(-1, c), labels.reshape(-1)
+    if mode == "probs":
+        _check_probs(z, y, ignore_index)
+    elif mode == "auto":
+        _warn_if_probs(z, y, ignore_index)
+    return z, y, t, ignore_index, b
+
+
+def _row_list(idx: torch.Tensor) -> str:
+    shown = ", ".join(str(i) for i in idx[:10].tolist())
+    return f"[{shown}]" + (f" and {idx.numel() - 10} more" if idx.numel() > 10 else "")
+
+
+def _check_probs(p: torch.Tensor, y: torch.Tensor, ignore_index: int) -> None:
+    """CPU: every counted row of ``p`` is >= 0 and sums to 1 within the dtype's tolerance.
+
+    On other devices nothing is checked: it would cost a host sync per call.
+    """
+    if p.device.type != "cpu" or p.numel() == 0:
+        return
+    counted = y != ignore_index
+    tol = prob_sum_tolerance(p.dtype)
+    negative = counted & (p.amin(dim=-1) < 0)
+    if bool(negative.any()):
+        raise ValueError(
+            f"logits: inputs='probs' expects probabilities >= 0, but rows {_row_list(negative.nonzero().flatten())} "
+            "(flattened leading dims) hold negative entries; pass logits with inputs='logits'"
+        )
+    total = p.sum(dim=-1, dtype=torch.float64)
+    # Written so that a NaN sum fails too.
+    off = counted & ~((total - 1.0).abs() <= tol)
+    if bool(off.any()):
+        idx = off.nonzero().flatten()
+        raise ValueError(
+            f"logits: inputs='probs' expects rows summing to 1 within {tol:g}, but rows {_row_list(idx)} "
+            f"(flattened leading dims) do not (row {int(idx[0])} sums to {float(total[idx[0]]):.6g})"
+        )
+
+
+def _warn_if_probs(z: torch.Tensor, y: torch.Tensor, ignore_index: int) -> None:
+    """Warn when the first ``SNIFF_ROWS`` counted rows all look like probabilities.
+
+    CPU only (on other devices the answer would cost a host sync per call), and only for
+    C >= 2: a single class has p = 1 whatever its logit.  Reads those few rows, never the rest.
+    """
+    if z.device.type != "cpu" or z.shape[-1] < 2:
+        return
+    first = (y != ignore_index).nonzero().flatten()[:SNIFF_ROWS]
+    if first.numel() == 0:
+        return
+    sample = z[first].to(torch.float64)
+    looks = bool((sample >= 0).all()) and bool(
+        ((sample.sum(dim=-1) - 1.0).abs() <= prob_sum_tolerance(z.dtype)).all()
+    )
+    if looks:
+        warnings.warn(
+            f"logits: the first {first.numel()} counted rows are non-negative and sum to 1, so they look like "
+            "probabilities, but they were treated as logits (softmax was applied to them again); pass "
+            "inputs='probs' for probabilities, or inputs='logits' to silence this warning",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _as_logits(z: torch.Tensor, inputs: str) -> torch.Tensor:
+    """Probabilities become the logits log p, formed in the compute dtype: log of a float16 /
+    bfloat16 value rounded to its own dtype would move every probability by up to one rounding."""
+    if inputs != "probs":
+        return z
+    return torch.log(z.to(compute_dtype(z.dtype)))
 
 
 def _raise_on_bad_rows(rows: ref.CalibrationRows, device: torch.device) -> None:
@@ -289,12 +384,9 @@ def _raise_on_bad_rows(rows: ref.CalibrationRows, device: torch.device) -> None:
         return
     bad = rows.counted & torch.isnan(rows.conf)
     if bool(bad.any()):
-        idx = bad.nonzero().flatten()
-        shown = ", ".join(str(i) for i in idx[:10].tolist())
-        more = f" and {idx.numel() - 10} more" if idx.numel() > 10 else ""
         raise ValueError(
-            f"logits: rows [{shown}]{more} (flattened leading dims) hold NaN or +inf, are all -inf, "
-            "or overflow when divided by the temperature"
+            f"logits: rows {_row_list(bad.nonzero().flatten())} (flattened leading dims) hold NaN or +inf, "
+            "are all -inf, or overflow when divided by the temperature"
         )
 
 
@@ -331,17 +423,35 @@ def calibration_stats(
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
+    inputs: str = "auto",
 ) -> CalibrationStats:
     """Calibration sufficient statistics of a batch of logits, in one pass.
 
     Args:
-        logits: (..., C) float32/float16/bfloat16 (float64 on the torch backend), C >= 1.
+        logits: (..., C) float32/float16/bfloat16 (float64 on the torch backend), C >= 1:
+            logits, or probabilities with ``inputs="probs"``.
         labels: (...) integer class indices in [0, C), or ``ignore_index`` to leave a row out.
         n_bins: M >= 1 equal-width confidence bins.
         temperature: T > 0; the statistics are those of softmax(logits / T).
         ignore_index: label value marking a row as left out (it is not read).
         backend: "triton" (the fused kernel; n_bins <= 1024), "torch" (the reference),
             or "auto" (triton for CUDA tensors of a kernel dtype, torch otherwise).
+        inputs: what the rows hold.
+
+            * "logits": logits, taken as they are.
+            * "probs": probabilities p; the statistics are those of p itself (the rows go
+              through the same path as the logits log p, formed in float32, float64 for
+              float64 input: one extra pass and an (N, C) buffer), and a temperature
+              gives softmax(log(p) / T), proportional to p^(1/T).  On CPU a counted row
+              with a negative entry, or whose sum is off 1 by more than 1e-3 (1e-2 for
+              float16 / bfloat16), raises ``ValueError`` naming ``logits``.  On CUDA
+              nothing is checked (that would cost a host sync): a row is taken as p / sum p,
+              and a negative entry makes its statistics NaN.
+            * "auto" (default): logits, but on CPU, when the first 8 counted rows are all
+              >= 0 and each sums to 1 within that tolerance (C >= 2), a ``UserWarning``
+              says that they look like probabilities: pass "probs", or "logits" to
+              silence it.  No other row of logits is read for it; nothing is checked on
+              CUDA (that would cost a host sync).
 
     Returns:
         :class:`CalibrationStats` on the logits' device (no host sync on CUDA).
@@ -354,8 +464,8 @@ def calibration_stats(
         make the sums NaN, and the metric methods raise.
     """
     check_n_bins(n_bins)
-    z, y, t, ii, b = check_inputs(logits, labels, temperature, ignore_index, backend)
-    _, sums = _run(z, y, n_bins=n_bins, temperature=t, ignore_index=ii, backend=b)
+    z, y, t, ii, b = check_inputs(logits, labels, temperature, ignore_index, backend, inputs=inputs)
+    _, sums = _run(_as_logits(z, inputs), y, n_bins=n_bins, temperature=t, ignore_index=ii, backend=b)
     return CalibrationStats(**sums)
 
 
@@ -366,6 +476,7 @@ def calibration_rows(
     temperature: float = 1.0,
     ignore_index: int = -100,
     backend: str = "auto",
+    inputs: str = "auto",
 ) -> ref.CalibrationRows:
     """Per-row confidence, prediction, NLL and Brier (the inputs of AURC, adaptive ECE ...).
 
@@ -373,7 +484,7 @@ def calibration_rows(
     like ``labels``: ``conf``/``nll``/``brier`` float32 (float64 for float64 logits),
     ``pred`` int64, ``counted`` bool; ignored rows hold 0 and pred = -1.
     """
-    z, y, t, ii, b = check_inputs(logits, labels, temperature, ignore_index, backend)
-    rows, _ = _run(z, y, n_bins=1, temperature=t, ignore_index=ii, backend=b)
+    z, y, t, ii, b = check_inputs(logits, labels, temperature, ignore_index, backend, inputs=inputs)
+    rows, _ = _run(_as_logits(z, inputs), y, n_bins=1, temperature=t, ignore_index=ii, backend=b)
     shape = labels.shape
     return ref.CalibrationRows(*(f.reshape(shape) for f in rows))

@@ -62,24 +62,38 @@ def kd_loss(
     """Distillation loss between student and teacher logits.
 
     Args:
-        student_logits: (..., V) float32/float16/bfloat16 (float64 on the torch backend).
-        teacher_logits: (..., V), same shape; treated as a constant (no gradient).
+        student_logits: (..., V) float32/float16/bfloat16/float64.
+        teacher_logits: (..., V), same shape, any of those dtypes (it may differ from the
+            student's); treated as a constant (no gradient).
         labels: (...) integer class indices, or None. Rows whose label equals
-            ``ignore_index`` contribute 0 and are not counted by "batchmean".
+            ``ignore_index`` contribute 0 to both terms, whatever ``alpha`` (at alpha = 0
+            labels still mask padding), and are not counted by "batchmean".
         temperature: T > 0; ``p = softmax(z / T)`` for the soft term.
         alpha: weight in [0, 1] of the hard cross-entropy (at T = 1); > 0 needs labels.
         divergence: "forward" = KL(p_t || p_s); "reverse" = KL(p_s || p_t);
             "jsd" = beta KL(p_t || M) + (1 - beta) KL(p_s || M), M = beta p_t + (1 - beta) p_s.
         beta: JSD mixture weight in (0, 1).
-        reduction: "batchmean" (sum of row losses / counted rows; 0 when no row counts),
-            "sum", or "none" (one value per row, shaped like the leading dims).
+        reduction: "batchmean" (sum of row losses / counted rows), "sum", or "none" (one
+            value per row, shaped like the leading dims).
         ignore_index: label value that marks a row as ignored.
-        backend: "triton" (fused kernels), "torch" (the reference), or "auto"
-            (triton on CUDA tensors, torch otherwise).
+        backend: "triton" (fused kernels), "torch" (the reference), or "auto" (triton on
+            CUDA tensors, torch otherwise or when either input is float64).
 
     Returns:
-        float32 loss (float64 for float64 logits): a scalar, or (...) for "none".
-        Row loss = alpha (logsumexp(z_s) - z_s[y]) + (1 - alpha) T² D(p_t, p_s).
+        The loss: a scalar, or (...) for "none".  Row loss =
+        alpha (logsumexp(z_s) - z_s[y]) + (1 - alpha) T² D(p_t, p_s).
+
+    Dtypes:
+        Any mix of float32, float16, bfloat16 and float64 is accepted.  The arithmetic and
+        the loss are float64 when either input is float64 (the torch backend: "auto" picks
+        it, "triton" raises TypeError), else float32.  The gradient has the student's dtype.
+
+    No counted rows:
+        An empty batch (N = 0, e.g. shape (0, V) or (B, 0, V)) or one whose every label is
+        ``ignore_index`` gives a loss of 0 ("batchmean" and "sum"; "none": zeros shaped
+        like the leading dims) and a zero gradient.  ``F.cross_entropy(reduction="mean")``
+        returns NaN there; 0 lets a padding-only micro-batch of gradient accumulation add
+        nothing instead of turning the accumulated gradient into NaN.
     """
     opts = _check_options(temperature, alpha, divergence, beta, reduction, ignore_index, backend)
     _checks.check_logits("student_logits", student_logits)
@@ -100,7 +114,7 @@ def kd_loss(
             raise ValueError(f"labels: expected device {student_logits.device}, got {labels.device}")
     elif opts["alpha"] > 0:
         raise ValueError(f"labels: alpha={opts['alpha']} > 0 mixes in cross-entropy, which needs labels")
-    backend_name = _checks.resolve_backend(opts.pop("backend"), student_logits)
+    backend_name = _checks.resolve_backend(opts.pop("backend"), student_logits, teacher_logits)
     if backend_name == "triton":
         from kdbench.kernels.kd_loss import kd_loss_triton
 

@@ -6,6 +6,7 @@ Backend "torch" throughout; tests/test_calibration_kernel.py holds triton versus
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -355,6 +356,8 @@ def test_all_reduce_without_a_process_group_raises():
         ({"temperature": float("nan")}, ValueError, "temperature"),
         ({"ignore_index": 1.5}, TypeError, "ignore_index"),
         ({"backend": "cuda"}, ValueError, "backend"),
+        ({"inputs": "prob"}, ValueError, "inputs: expected one of 'auto', 'logits', 'probs'"),
+        ({"inputs": None}, ValueError, "inputs: expected one of"),
     ],
 )
 def test_bad_options(kwargs, exc, match):
@@ -497,3 +500,128 @@ def test_gpu_strategy_uses_few_blocks():
     assert -(-65536 // rows) <= 16 and rows * 32000 * 4 <= 512 * 2**20
     assert ref_cal.rows_per_block(32000, torch.device("cpu")) == (1 << 20) // 32000
     assert ref_cal.rows_per_block(10**9, torch.device("cuda")) == 1
+
+
+# ---- inputs: logits or probabilities ------------------------------------------------------
+
+PROBS_WARNING = r"^logits: .*look like probabilities.*inputs='probs'.*inputs='logits'"
+
+
+def _silent(fn, *args, **kw):
+    """``fn(*args, **kw)``, failing on the probabilities warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="logits: the first", category=UserWarning)
+        return fn(*args, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_auto_warns_when_rows_look_like_probabilities(dtype):
+    z, y = make_logits(40, 6, seed=30)
+    p = torch.softmax(z.double(), dim=-1).to(dtype)
+    with pytest.warns(UserWarning, match=PROBS_WARNING) as record:
+        _stats(p, y)
+    assert record[0].filename == __file__  # points at the caller's line
+    with pytest.warns(UserWarning, match=PROBS_WARNING):
+        kdbench.calibration.calibration_rows(p, y, backend="torch")
+
+
+SILENT_CASES = {
+    "logits": lambda z: (z, "auto"),
+    "log_probabilities": lambda z: (torch.log_softmax(z, -1), "auto"),
+    "non_negative_not_summing_to_one": lambda z: (2 * torch.softmax(z, -1), "auto"),
+    "probabilities_declared_as_logits": lambda z: (torch.softmax(z, -1), "logits"),
+    "probabilities_declared_as_probs": lambda z: (torch.softmax(z, -1), "probs"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SILENT_CASES))
+def test_auto_is_silent_unless_rows_look_like_probabilities(case):
+    z, y = make_logits(40, 6, seed=31)
+    x, inputs = SILENT_CASES[case](z)
+    _silent(_stats, x, y, inputs=inputs)
+
+
+def test_auto_is_silent_for_one_class():
+    # softmax of a single class is 1 whatever the logit: reading it either way gives the same statistics.
+    _silent(_stats, torch.ones(5, 1), torch.zeros(5, dtype=torch.long))
+
+
+def test_auto_reads_only_the_first_counted_rows():
+    z, y = make_logits(30, 5, seed=32)
+    p = torch.softmax(z, dim=-1)
+    y[:3] = -100
+    z[:3] = float("nan")  # ignored padding is skipped, not read
+    first = z.clone()
+    first[3:11] = p[3:11]
+    with pytest.warns(UserWarning, match="the first 8 counted rows"):
+        _stats(first, y)
+    later = p.clone()
+    later[:11] = z[:11]  # logits in the first 8 counted rows, probabilities after them
+    _silent(_stats, later, y)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_probs_give_the_statistics_of_their_logits(dtype, temperature):
+    """softmax(log p) = p, so p = softmax(z) as probabilities gives the statistics of z (to rounding)."""
+    z, y = make_logits(300, 9, dtype=torch.float64, seed=33, ignore_frac=0.1)
+    p = torch.softmax(z, dim=-1).to(dtype)
+    p[y == -100] = float("nan")
+    got = _stats(p, y, inputs="probs", temperature=temperature)
+    want = _stats(z, y, temperature=temperature)
+    conf, _, _, _ = oracle(z, y, temperature=temperature)
+    tol = TOL[dtype]
+    assert_counts_match(got.count, want.count, int(near_edge(conf, 15, 10 * tol).sum()))
+    assert torch.equal(got.correct_sum.sum(), want.correct_sum.sum())
+    for name in ("conf_sum", "nll_sum", "brier_sum"):
+        torch.testing.assert_close(getattr(got, name).sum(), getattr(want, name).sum(), rtol=tol, atol=tol)
+
+
+def test_probs_temperature_raises_p_to_one_over_t():
+    p = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
+    rows = kdbench.calibration.calibration_rows(p, torch.tensor([1, 1]), temperature=2.0, inputs="probs")
+    assert float(rows.conf[0]) == pytest.approx(0.75**0.5 / (0.25**0.5 + 0.75**0.5), rel=1e-6)
+    assert float(rows.conf[1]) == 1.0 and rows.nll[1] == math.inf  # a zero probability at the label
+
+
+def test_probs_rows_are_checked_on_cpu():
+    p = torch.softmax(torch.randn(4, 5, generator=torch.Generator().manual_seed(34)), dim=-1)
+    y = torch.tensor([0, 1, 2, -100])
+    p[3] = float("nan")  # an ignored row is not checked
+    negative = p.clone()
+    negative[1, 0] = -0.01
+    with pytest.raises(ValueError, match=r"^logits: inputs='probs' expects probabilities >= 0, but rows \[1\]"):
+        _stats(negative, y, inputs="probs")
+    off = p.clone()
+    off[2] *= 1.01
+    with pytest.raises(ValueError, match=r"^logits: inputs='probs' expects rows summing to 1 .*rows \[2\]"):
+        _stats(off, y, inputs="probs")
+    nan = p.clone()
+    nan[0, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"^logits: .*rows \[0\]"):
+        _stats(nan, y, inputs="probs")
+    assert float(_stats(p, y, inputs="probs").n) == 3
+
+
+def test_probs_sum_tolerance_follows_the_dtype():
+    p = torch.tensor([[0.5, 0.5 + 5e-4], [0.5, 0.5]])
+    y = torch.tensor([0, 1])
+    _stats(p, y, inputs="probs")  # float32: within 1e-3
+    with pytest.raises(ValueError, match="within 0.001"):
+        _stats(p + torch.tensor([[0.0, 2e-3], [0.0, 0.0]]), y, inputs="probs")
+    # One rounding of each of 1000 probabilities to bfloat16 stays within its 1e-2.
+    z, y = make_logits(16, 1000, seed=35)
+    pb = torch.softmax(z, dim=-1).to(torch.bfloat16)
+    assert float(_stats(pb, y, inputs="probs").n) == 16
+    with pytest.raises(ValueError, match="within 0.01"):
+        _stats(pb * 1.02, y, inputs="probs")
+
+
+def test_internal_callers_pass_logits_without_the_warning():
+    from kdbench.experiments.evaluate import evaluate_predictions
+
+    # Logits that happen to be non-negative and sum to 1 per row: a caller that knows it holds logits says so.
+    z, y = make_logits(64, 4, seed=36, scale=1.0)
+    z = torch.softmax(z.double(), dim=-1)
+    out = _silent(evaluate_predictions, z, y, z, y)
+    assert out["ece"] == pytest.approx(_stats(z, y, inputs="logits").ece())

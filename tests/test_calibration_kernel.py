@@ -221,6 +221,19 @@ def test_kernel_strided_inputs():
         assert torch.equal(other.count, base.count) and torch.equal(other.conf_sum, base.conf_sum)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kernel_takes_probabilities_as_their_logarithms(dtype):
+    """inputs="probs": the kernel reads log p, formed in float32, so it agrees with the torch backend."""
+    z, y = make_logits(70, 37, seed=9, ignore_frac=0.1)
+    p = torch.softmax(z, dim=-1).to(dtype)
+    p[y == -100] = float("nan")
+    p, y = p.to(DEVICE), y.to(DEVICE)
+    tri = calibration_rows(p, y, backend="triton", inputs="probs", temperature=0.7)
+    ref = calibration_rows(p, y, backend="torch", inputs="probs", temperature=0.7)
+    assert tri.conf.dtype == torch.float32
+    _assert_rows_close(tri, ref)
+
+
 def test_kernel_rejects_what_it_cannot_do():
     z, y = make_logits(4, 3)
     with pytest.raises(ValueError, match="n_bins: the triton backend takes n_bins <= 1024"):

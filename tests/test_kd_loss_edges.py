@@ -194,12 +194,58 @@ def test_no_grad_forward_matches(backend):
     torch.testing.assert_close(plain, loss, rtol=1e-6, atol=1e-7)
 
 
+# Batches with no counted row: a loss of 0 (never NaN) and a zero gradient.
+NO_COUNTED_ROWS = {
+    "empty_rows": (0, 7),
+    "empty_inner_dim": (3, 0, 7),
+    "all_ignored": (2, 3, 7),
+}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_empty_batch(backend):
-    s, t = torch.zeros(0, 10), torch.zeros(0, 10)
-    for reduction in ("batchmean", "sum"):
-        loss, grad = run(s, t, backend=backend, reduction=reduction)
-        assert loss.item() == 0 and grad.shape == (0, 10)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "none"])
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("case", sorted(NO_COUNTED_ROWS))
+def test_no_counted_rows_give_zero_loss_and_gradient(case, divergence, alpha, reduction, dtype, backend):
+    shape = NO_COUNTED_ROWS[case]
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+    labels = None
+    if case == "all_ignored":
+        labels = torch.full(shape[:-1], -100)
+        s[0, 0, 0] = float("nan")  # padding may hold anything
+    elif alpha > 0:
+        labels = torch.zeros(shape[:-1], dtype=torch.long)
+    loss, grad = run(s, t, labels, backend=backend, divergence=divergence, alpha=alpha, reduction=reduction)
+    assert loss.dtype == torch.float32
+    assert loss.shape == (shape[:-1] if reduction == "none" else ())
+    assert bool((loss == 0).all()), loss
+    assert grad.shape == shape and grad.dtype == dtype
+    assert bool((grad == 0).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_counted_rows_give_zero_where_cross_entropy_gives_nan(backend):
+    s, t = _inputs(3, 9, seed=13)
+    y = torch.full((3,), -100)
+    assert torch.isnan(torch.nn.functional.cross_entropy(s, y))
+    loss, grad = run(s, t, y, backend=backend, alpha=1.0)
+    assert loss.item() == 0.0 and bool((grad == 0).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+def test_labels_mask_rows_and_set_the_batchmean_count_at_alpha_zero(divergence, backend):
+    """Without the hard term labels still mark padding: batchmean divides by the rows kept."""
+    s, t = _inputs(4, 50, seed=14)
+    y = torch.tensor([1, -100, 2, -100])
+    loss, grad = run(s, t, y, backend=backend, divergence=divergence, temperature=2.0)
+    kept, kept_grad = run(s[[0, 2]], t[[0, 2]], backend=backend, divergence=divergence, temperature=2.0)
+    torch.testing.assert_close(loss, kept, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad[[0, 2]], kept_grad, rtol=1e-6, atol=1e-9)
+    assert bool((grad[[1, 3]] == 0).all())
 
 
 def test_triton_double_backward_raises_instead_of_a_wrong_gradient():

@@ -43,6 +43,7 @@ BAD_CALLS = {
         TypeError,
         "backend",
     ),
+    "float64_teacher_on_triton": (dict(teacher_logits=T.double(), backend="triton"), TypeError, "backend"),
 }
 
 

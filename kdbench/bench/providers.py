@@ -254,7 +254,7 @@ def calibration_fn(name: str, case: Case) -> Callable[[torch.Tensor, torch.Tenso
         backend = name.split("-", 1)[1]
 
         def run(z: torch.Tensor, y: torch.Tensor) -> Any:
-            return kdbench.calibration_stats(z, y, n_bins=case.n_bins, backend=backend)
+            return kdbench.calibration_stats(z, y, n_bins=case.n_bins, backend=backend, inputs="logits")
 
         return run
     if name == "torchmetrics":
@@ -277,7 +277,7 @@ def calibration_oracle(case: Case, z: torch.Tensor, y: torch.Tensor) -> dict[str
     stats = None
     for r0 in range(0, z.shape[0], step):
         part = kdbench.calibration_stats(
-            z[r0 : r0 + step].double(), y[r0 : r0 + step], n_bins=case.n_bins, backend="torch"
+            z[r0 : r0 + step].double(), y[r0 : r0 + step], n_bins=case.n_bins, backend="torch", inputs="logits"
         )
         stats = part if stats is None else stats + part
     assert stats is not None

@@ -107,7 +107,7 @@ def evaluate_predictions(
     statistics the ECE comes from).
     """
     out: dict[str, float | None] = dict.fromkeys(METRIC_FIELDS)
-    stats = kdbench.calibration_stats(test_logits, test_labels, n_bins=N_BINS)
+    stats = kdbench.calibration_stats(test_logits, test_labels, n_bins=N_BINS, inputs="logits")
     out["accuracy"] = stats.accuracy()
     out["nll"] = stats.nll()
     out["brier"] = stats.brier()
@@ -131,7 +131,7 @@ def evaluate_predictions(
     out["conformal_set_size_90"] = set_size
 
     t = kdbench.fit_temperature(val_logits, val_labels)
-    scaled = kdbench.calibration_stats(test_logits, test_labels, n_bins=N_BINS, temperature=t)
+    scaled = kdbench.calibration_stats(test_logits, test_labels, n_bins=N_BINS, temperature=t, inputs="logits")
     out["fitted_temperature"] = t
     out["ece_ts"] = scaled.ece("l1")
     out["nll_ts"] = scaled.nll()

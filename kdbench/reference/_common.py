@@ -6,9 +6,13 @@ from __future__ import annotations
 import torch
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 logits are computed in float64; float32 / float16 / bfloat16 in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def compute_dtype(dtype: torch.dtype, *others: torch.dtype) -> torch.dtype:
+    """float64 when any of the dtypes is float64, else float32 (float32 / float16 / bfloat16).
+
+    A student and a teacher of different dtypes share it: a float64 teacher is not
+    rounded to float32 because the student is float32.
+    """
+    return torch.float64 if torch.float64 in (dtype, *others) else torch.float32
 
 
 def gpu_strategy(device: torch.device) -> bool:

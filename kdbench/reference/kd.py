@@ -59,10 +59,10 @@ def kd_row_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row losses of (N, V) logits and the mask of counted rows.
 
-    Returns ``(rows, counted)``: ``rows`` (N,) in float32 (float64 for float64 input),
-    0 on ignored rows; ``counted`` (N,) bool.
+    Returns ``(rows, counted)``: ``rows`` (N,) in float32 (float64 when either input is
+    float64), 0 on ignored rows; ``counted`` (N,) bool.
     """
-    cdt = compute_dtype(student.dtype)
+    cdt = compute_dtype(student.dtype, teacher.dtype)
     s = student.to(cdt)
     t = teacher.detach().to(cdt)
     n = s.shape[0]
@@ -119,8 +119,8 @@ def kd_loss(
 
     float32/float16/bfloat16 logits take the chunked path of
     :mod:`kdbench.reference.kd_fused` (loss and analytic gradient in one sweep, same
-    values); float64 logits take :func:`kd_loss_autograd`, the autograd formula,
-    because float64 is the tests' oracle and must not depend on the path it checks.
+    values); a float64 student or teacher takes :func:`kd_loss_autograd`, the autograd
+    formula, because float64 is the tests' oracle and must not depend on the path it checks.
     """
     opts = dict(
         temperature=temperature,
@@ -130,7 +130,7 @@ def kd_loss(
         reduction=reduction,
         ignore_index=ignore_index,
     )
-    if student_logits.dtype == torch.float64:
+    if torch.float64 in (student_logits.dtype, teacher_logits.dtype):
         return kd_loss_autograd(student_logits, teacher_logits, labels, **opts)
     return kd_loss_fused(student_logits, teacher_logits, labels, **opts)
 

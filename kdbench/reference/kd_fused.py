@@ -6,7 +6,7 @@ The autograd formula in :mod:`kdbench.reference.kd` is the oracle: clear, and
 sanitised by ``where``s against ``0 * log 0``.  It is also slow: autograd keeps
 several (N, V) float32 intermediates alive and walks them again in backward.
 This module computes the same loss and its gradient *in forward*, the way the
-Triton kernel (``kernels/kd_loss.py``) does, with eager PyTorch ops on blocks of
+Triton kernel (``kdbench/kernels/kd_loss.py``) does, with eager PyTorch ops on blocks of
 rows sized for the CPU's caches.  Main memory then sees one read of each logit
 tensor and one write of the gradient; everything else happens in cache-resident
 float32 work buffers reused from block to block.
@@ -442,7 +442,7 @@ def _forward(
     """
     n, v = s2.shape
     device = s2.device
-    cdt = compute_dtype(s2.dtype)
+    cdt = compute_dtype(s2.dtype, t2.dtype)
     counted = None
     if y is not None:
         counted = y != o.ignore_index
@@ -559,8 +559,8 @@ def kd_loss_fused(
     """Chunked ``kd_loss`` on already-validated arguments; same semantics as :func:`kdbench.reference.kd_loss`.
 
     Shapes: logits (..., V) (any strides), labels (...) or None.  Returns the loss in
-    float32 (float64 for float64 logits): a scalar for "batchmean"/"sum", the leading
-    dims for "none".  The gradient reaching ``student_logits`` has its dtype.
+    float32 (float64 when either input is float64): a scalar for "batchmean"/"sum", the
+    leading dims for "none".  The gradient reaching ``student_logits`` has its dtype.
     """
     opts = _Opts(temperature, alpha, divergence, beta, reduction, ignore_index)
     return _apply_eagerly()(student_logits, teacher_logits.detach(), labels, opts)
