@@ -21,7 +21,7 @@ def _nll(z: torch.Tensor, y: torch.Tensor, t: float) -> float:
     return float(F.cross_entropy(z.double() / t, y))
 
 
-def test_closed_form_from_the_issue():
+def test_closed_form_of_a_two_class_example():
     # p(class 1) = sigmoid(1 / T) must equal the label frequency 3/4: 1 / T = ln 3.
     t = fit_temperature(torch.tensor([[0.0, 1.0]] * 4), torch.tensor([1, 1, 1, 0]))
     assert t == pytest.approx(1 / math.log(3), rel=RTOL)

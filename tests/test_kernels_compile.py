@@ -16,7 +16,7 @@ here.  From it these tests read:
   reverse KL and JSD (all passes, the gradient write included).  A float32 element
   moves twice the bytes and gets twice the budget.  The kd kernel as one launch meets
   them; chunked rows run by default as separate launches (faster on an H200 today,
-  see ``kernels/kd_loss.py``), which recompute the statistics and get a looser ceiling.
+  see ``kdbench/kernels/kd_loss.py``), which recompute the statistics and get a looser ceiling.
 
 How the static count relates to what the GPU executes: the body of the persistent
 loop runs once per work item and has no data-dependent branches except the barrier's

@@ -1,6 +1,6 @@
 """Tile-configuration sweep of the Triton kernels, so that one GPU run can tune them.
 
-Each kernel module (``kernels/kd_loss.py``, ``kernels/calibration.py``) reads its launch
+Each kernel module (``kdbench/kernels/kd_loss.py``, ``kdbench/kernels/calibration.py``) reads its launch
 configuration from a module attribute ``TILE_CONFIG = (tile_elems, num_warps,
 ctas_per_sm)`` at every call, and lists the candidates in ``TILE_CONFIGS`` (a tuple of
 such tuples; the default is one of them).  On CUDA, ``kdbench bench`` times the

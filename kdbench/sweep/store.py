@@ -33,14 +33,14 @@ def record_path(runs_dir: Path, run: Run) -> Path:
     return runs_dir / f"{c.dataset}__{c.student}__{run.label}__s{c.seed}__{run_key(c)}.json"
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """NaN/inf are not JSON: store them as strings that ``_restore`` turns back."""
     if isinstance(value, float) and not math.isfinite(value):
         return repr(value)
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -63,7 +63,7 @@ def write_record(runs_dir: Path, run: Run, record: dict[str, Any]) -> Path:
         "config": run.config.to_dict(),
         "record": record,
     }
-    atomic_write_text(path, json.dumps(_jsonable(payload), indent=1, sort_keys=True, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(jsonable(payload), indent=1, sort_keys=True, allow_nan=False) + "\n")
     return path
 
 
@@ -88,7 +88,7 @@ def read_record(runs_dir: Path, run: Run) -> Lookup:
         return Lookup(path, None, "not a run record")
     if payload.get("key") != run_key(run.config) or payload.get("engine_version") != ENGINE_VERSION:
         return Lookup(path, None, "key or engine version differs from the current configuration")
-    if payload.get("config") != _restore(json.loads(json.dumps(_jsonable(run.config.to_dict())))):
+    if payload.get("config") != _restore(json.loads(json.dumps(jsonable(run.config.to_dict())))):
         return Lookup(path, None, "configuration differs from the current one")
     record = payload["record"]
     if record.get("config_hash") != run.config.config_hash():

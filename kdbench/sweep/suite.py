@@ -254,8 +254,8 @@ def load_suite(path: str | Path) -> Suite:
 
 
 def suite_dirs() -> list[Path]:
-    """Where suite names are looked up: ./suites, then the suites/ beside the package source."""
-    here = Path(__file__).resolve().parents[2] / "suites"
+    """Where suite names are looked up: ./suites (a user's own), then the suites shipped in kdbench/suites/."""
+    here = Path(__file__).resolve().parents[1] / "suites"
     dirs = [Path.cwd() / "suites"]
     if here not in dirs:
         dirs.append(here)
@@ -263,7 +263,7 @@ def suite_dirs() -> list[Path]:
 
 
 def resolve_suite(name_or_path: str) -> Path:
-    """A path to a .toml file, or the name of a shipped suite (``quick`` -> suites/quick.toml)."""
+    """A path to a .toml file, or the name of a shipped suite (``quick`` -> kdbench/suites/quick.toml)."""
     p = Path(name_or_path)
     if p.suffix == ".toml" or p.exists():
         if not p.is_file():

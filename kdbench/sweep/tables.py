@@ -20,8 +20,10 @@ from typing import Any
 
 from kdbench.experiments import METHODS, ROLE_FIELDS, record_rows
 from kdbench.experiments.teachers import teacher_configs
-from kdbench._io import atomic_write_text
-from kdbench.sweep.store import load_records
+from kdbench._io import atomic_write, atomic_write_text
+from kdbench.experiments.config import stable_hash
+from kdbench.sweep.claims import Claims
+from kdbench.sweep.store import jsonable, load_records
 from kdbench.sweep.suite import Run, Suite
 
 HEADLINE = (
@@ -182,10 +184,8 @@ def write_figures(suite: Suite, found: list[tuple[Run, dict[str, Any]]], rows: l
     written: list[Path] = []
 
     def save(fig: Any, path: Path) -> None:
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
         plt.close(fig)
-        tmp.replace(path)
         written.append(path)
 
     for dataset in suite.datasets:
@@ -244,18 +244,50 @@ def write_figures(suite: Suite, found: list[tuple[Run, dict[str, Any]]], rows: l
     return written
 
 
-def write_tables(suite: Suite, results_root: Path, *, figures: bool = True) -> dict[str, Any]:
-    """Regenerate results.csv, table.md and figures/ of ``suite`` from its records."""
+class NoRecordsError(ValueError):
+    """The suite has no trusted record in the results folder: there is nothing to tabulate."""
+
+
+STAMP = ".kdbench-tables"  # in the suite folder: which records the tables were written from
+
+
+def write_tables(suite: Suite, results_root: Path, *, figures: bool = True, skip_if_current: bool = False) -> dict[str, Any]:
+    """Regenerate results.csv, table.md and figures/ of ``suite`` from its records.
+
+    The tables are written under a claim on the suite folder, so runners that finish
+    together write them one after the other.  With ``skip_if_current`` they are not
+    rewritten when the last writer used the same records (``info["current"]`` is then
+    True): two runners that shared a sweep write its tables once.
+
+    Raises:
+        NoRecordsError: no record of the suite under ``results_root``; nothing is written.
+    """
     suite_dir = results_root / suite.name
     found, lookups = load_records(suite_dir / "runs", suite.runs)
-    rows = model_rows(found)
-    write_csv(rows, suite_dir / "results.csv")
-    atomic_write_text(suite_dir / "table.md", markdown_tables(suite, rows, len(lookups)))
-    written = write_figures(suite, found, rows, suite_dir / "figures") if figures and found else []
-    return {
+    if not found:
+        raise NoRecordsError(
+            f"no records of suite {suite.name!r} in {suite_dir / 'runs'}: run `kdbench run {suite.name}` "
+            f"with the same --results-dir first"
+        )
+    info: dict[str, Any] = {
         "records": len(found),
         "missing": len(lookups),
         "problems": [(str(lk.path), lk.problem) for lk in lookups if lk.problem],
-        "rows": len(rows),
-        "figures": [str(p) for p in written],
+        "figures": [],
+        "current": False,
     }
+    stamp = stable_hash({"records": [[run.label, jsonable(rec)] for run, rec in found], "figures": figures})
+    with Claims(suite_dir).hold("tables", wait=True):
+        rows = model_rows(found)
+        info["rows"] = len(rows)
+        stamp_path = suite_dir / STAMP
+        if skip_if_current and stamp_path.is_file() and stamp_path.read_text().strip() == stamp \
+                and (suite_dir / "table.md").is_file():
+            info["current"] = True
+            return info
+        write_csv(rows, suite_dir / "results.csv")
+        atomic_write_text(suite_dir / "table.md", markdown_tables(suite, rows, len(lookups)))
+        if figures:
+            info["figures"] = [str(p) for p in write_figures(suite, found, rows, suite_dir / "figures")]
+        atomic_write_text(stamp_path, stamp + "\n")
+    return info
