@@ -12,7 +12,7 @@ import kdbench
 from kdbench.experiments import methods as methods_mod
 from kdbench.experiments.config import Recipe
 from kdbench.experiments.datasets import load_dataset
-from kdbench.experiments.methods import METHODS, ensemble_logits, entropy, make_loss
+from kdbench.experiments.methods import METHODS, bayes_teacher_logits, ensemble_logits, entropy, make_loss
 from kdbench.experiments.models import build_model
 from kdbench.experiments.train import (
     augment_batch,
@@ -28,7 +28,8 @@ from kdbench.experiments.train import (
 CPU = torch.device("cpu")
 HYPER = dict(temperature=2.0, alpha=0.3, beta=0.4, smoothing=0.2, entropy_weight=0.5)
 KL_METHODS = {"kd": "forward", "kd_reverse": "reverse", "kd_jsd": "jsd", "kd_ts": "forward",
-              "kd_ls_teacher": "forward", "self_distill": "forward", "ensemble_kd": "forward"}
+              "kd_ls_teacher": "forward", "self_distill": "forward", "ensemble_kd": "forward",
+              "oracle_kd": "forward"}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +57,8 @@ def test_each_method_trains_and_its_loss_decreases(method: str, data, teacher_lo
         t_all = ensemble_logits(teacher_logits) if info.ensemble else teacher_logits[0]
         if info.teacher_temperature_scaled:
             t_all = t_all / 1.7
+    if info.bayes_teacher:
+        t_all = bayes_teacher_logits(method, data, data.x_train)
     loss_fn = make_loss(method, **HYPER)
     with deterministic(1):
         student = seeded_model(lambda: build_model("mlp_16x1", data.input_shape, 10), 3, CPU)

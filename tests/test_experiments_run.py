@@ -111,7 +111,7 @@ def test_label_baseline_without_teacher(cache) -> None:
     _assert_complete(record, has_teacher=False, has_posterior=True)
     assert record["teacher"] is None and record["teacher_cached"] is None
     rows = record_rows(record)
-    assert [r["role"] for r in rows] == ["student"]
+    assert [r["role"] for r in rows] == ["bayes", "student"]
 
 
 def test_temperature_scaled_teacher_changes_the_student(cache) -> None:
@@ -124,14 +124,16 @@ def test_temperature_scaled_teacher_changes_the_student(cache) -> None:
 def test_rows_for_a_csv(cache) -> None:
     record = _run(cache, method="kd")
     rows = record_rows(record)
-    assert [r["role"] for r in rows] == ["teacher", "student"]
+    assert [r["role"] for r in rows] == ["bayes", "teacher", "student"]  # gaussian: the Bayes reference first
     for row in rows:
         assert {"dataset", "teacher", "student", "method", "seed", "role", "config_hash"} <= row.keys()
         assert not any("/" in k for k in row)
         assert len(row) == len([k for k in record if "/" not in k]) + 1 + len(ROLE_FIELDS)  # no name clash
         assert list(row)[-len(ROLE_FIELDS):] == list(ROLE_FIELDS)
-    assert rows[0]["accuracy"] == record["teacher/accuracy"] and rows[1]["ece"] == record["student/ece"]
-    assert rows[0]["teacher"] == rows[1]["teacher"] == "mlp_16x1"
+    assert rows[1]["accuracy"] == record["teacher/accuracy"] and rows[2]["ece"] == record["student/ece"]
+    assert rows[1]["teacher"] == rows[2]["teacher"] == "mlp_16x1"
+    assert rows[0]["accuracy"] == record["bayes/accuracy"] and rows[0]["method"] == "bayes_optimal"
+    assert [r["method"] for r in rows[1:]] == ["kd", "kd"]
 
 
 def test_mnist1d_run(tmp_path) -> None:

@@ -96,11 +96,25 @@ def _calibration() -> tuple[dict, Callable[[dict], None]]:
     return {}, check
 
 
+def _calibration_metric() -> tuple[dict, Callable[[dict], None]]:
+    pytest.importorskip("torchmetrics")
+
+    def check(ns: dict) -> None:
+        ece, val = ns["ece"], ns["val"].compute()
+        assert float(ece.n) == 768
+        assert set(val) == {f"val_{k}" for k in ("accuracy", "nll", "brier", "ece", "rms_ce", "mce")}
+        assert val["val_ece"] == ece.compute()  # the same samples, added in the same order
+        assert ns["batch_ece"] != ece.compute()  # forward gave the last batch's value
+
+    return {}, check
+
+
 # marker (a line unique to the block) -> harness returning (names the block leaves to the reader, check)
 HARNESSES: dict[str, Callable[[], tuple[dict, Callable[[dict], None]]]] = {
     "for x, y in loader:": _plain_loop,
     "class DistillTrainer(Trainer):": _hf_trainer,
     "stats = kdbench.calibration_stats(": _calibration,
+    "ece = kdbench.CalibrationError(": _calibration_metric,
 }
 
 

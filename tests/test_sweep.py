@@ -75,13 +75,28 @@ def test_quick_suite_covers_the_promised_grid():
     assert len({r.config.seed for r in suite.runs}) >= 2
 
 
-def test_paper_suite_has_every_method_and_three_seeds():
+def test_paper_suite_has_every_method_and_five_seeds():
     from kdbench.experiments import METHODS
 
     suite = load_suite(resolve_suite("paper"))
     assert set(suite.datasets) == {"mnist1d", "digits", "gaussian"}
     assert {r.config.method for r in suite.runs} == set(METHODS)
-    assert len({r.config.seed for r in suite.runs}) == 3
+    # Five seeds, so that a paired 95% interval (t with 4 degrees of freedom) can exclude 0.
+    assert len({r.config.seed for r in suite.runs}) >= 5
+    # The oracle teacher exists only where the posterior is known.
+    assert {r.config.dataset for r in suite.runs if r.config.method == "oracle_kd"} == {"gaussian"}
+
+
+def test_method_datasets_key_restricts_a_variant(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(
+        '[[dataset]]\nname = "gaussian"\npairs = [{teacher = "mlp", student = "linear"}]\n'
+        '[[dataset]]\nname = "digits"\npairs = [{teacher = "mlp", student = "linear"}]\n'
+        '[[method]]\nmethod = "ce"\n[[method]]\nmethod = "kd"\ndatasets = ["digits"]\n'
+    )
+    suite = load_suite(path)
+    by = {(r.label, r.config.dataset) for r in suite.runs}
+    assert by == {("ce", "gaussian"), ("ce", "digits"), ("kd", "digits")}
 
 
 BAD_SUITES = {
@@ -118,6 +133,16 @@ BAD_SUITES = {
     "bad_seeds": ("[suite]\nseeds = [0, 0]\n", r":2: seeds: expected a non-empty list of distinct"),
     "grid_field_in_defaults": ('[defaults]\nseed = 3\n', r":2: seed: unknown key"),
     "invalid_toml": ("[suite\n", r"invalid TOML"),
+    "method_datasets_unknown": (
+        '[[dataset]]\nname = "gaussian"\npairs = [{teacher = "mlp", student = "linear"}]\n'
+        '[[method]]\nmethod = "kd"\ndatasets = ["digits"]\n',
+        r":6: datasets: 'digits' is not a \[\[dataset\]\] of this suite",
+    ),
+    "method_datasets_not_a_list": (
+        '[[dataset]]\nname = "gaussian"\npairs = [{teacher = "mlp", student = "linear"}]\n'
+        '[[method]]\nmethod = "kd"\ndatasets = "gaussian"\n',
+        r":6: datasets: expected a non-empty list of dataset names",
+    ),
     "no_methods": ('[[dataset]]\nname = "gaussian"\npairs = [{teacher = "mlp", student = "linear"}]\n', r"method: expected at least one"),
 }
 

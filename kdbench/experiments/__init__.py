@@ -8,7 +8,7 @@
 :func:`run_experiment` trains (or loads from the teacher cache) the teacher(s), trains
 the student with the method's objective, and evaluates both on the test split.
 
-The record is flat, JSON-serialisable, with a fixed set of keys for every config:
+The record is flat, JSON-serialisable, with a fixed set of keys for every config of a dataset:
 
 * the config, flattened (:meth:`RunConfig.flat_dict`: ``dataset``, ``teacher``, ``student``,
   ``method``, ``seed``, ..., ``student_recipe.lr``, ...) and ``config_hash``;
@@ -18,7 +18,13 @@ The record is flat, JSON-serialisable, with a fixed set of keys for every config
   ``"<role>/<field>"`` - the metrics of :data:`kdbench.experiments.evaluate.METRIC_FIELDS`
   plus ``n_params``, ``train_seconds`` and ``train_samples_per_second``.  A value is None
   where the field does not apply (every teacher field when the run has no teacher, the
-  teacher's agreement with itself, ``true_ce`` off ``gaussian``).
+  teacher's agreement with itself, ``true_ce`` off ``gaussian``);
+* on a dataset with a known Bayes posterior (``gaussian``) only, the same fields under
+  ``"bayes/<field>"`` (:data:`BAYES_ROLE`): the Bayes-optimal classifier, softmax of the
+  true log-posterior, evaluated on the same splits by the same code.  It is calibrated,
+  so its ``true_ce`` is 0 up to rounding, while its binned ``ece`` is not 0: that is the
+  binning's finite-sample bias, the floor a model's binned ECE is to be read against.
+  Its training fields, ``agreement`` and ``predictive_kl`` are None.
 
 :func:`record_rows` turns a record into one row per evaluated model (columns: the
 config and run fields, ``role``, then :data:`ROLE_FIELDS`), ready for a CSV writer.
@@ -34,7 +40,7 @@ from kdbench import __version__
 from kdbench.experiments.config import DEFAULT_RECIPES, Recipe, RunConfig, check_runnable
 from kdbench.experiments.datasets import DATASETS, Dataset, load_dataset
 from kdbench.experiments.evaluate import METRIC_FIELDS, RELIABILITY_FIELDS, evaluate_predictions
-from kdbench.experiments.methods import METHODS, ensemble_logits, make_loss
+from kdbench.experiments.methods import METHODS, bayes_teacher_logits, ensemble_logits, make_loss
 from kdbench.experiments.models import FAMILIES, build_model, count_parameters
 from kdbench.experiments.teachers import Teacher, default_cache_dir, get_teacher, teacher_configs
 from kdbench.experiments.train import (
@@ -48,11 +54,15 @@ from kdbench.experiments.train import (
 )
 
 ROLES = ("teacher", "student")
+BAYES_ROLE = "bayes"  # the Bayes-optimal reference, present where the dataset's posterior is known
+BAYES_METHOD = "bayes_optimal"  # the ``method`` of its row in record_rows
 TRAIN_FIELDS = ("n_params", "train_seconds", "train_samples_per_second")
 ROLE_FIELDS: tuple[str, ...] = METRIC_FIELDS + TRAIN_FIELDS
 RUN_FIELDS = ("config_hash", "device", "num_threads", "kdbench_version", "n_train", "n_val", "n_test", "teacher_cached")
 
 __all__ = [
+    "BAYES_METHOD",
+    "BAYES_ROLE",
     "DATASETS",
     "DEFAULT_RECIPES",
     "FAMILIES",
@@ -70,6 +80,7 @@ __all__ = [
     "load_config_dataset",
     "load_dataset",
     "record_rows",
+    "role_fields",
     "run_experiment",
 ]
 
@@ -116,6 +127,18 @@ class _TeacherSignal:
 
     def __call__(self, idx: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
         return self.train[idx] if self.train is not None else self.logits(xb)
+
+
+class _BayesSignal(_TeacherSignal):
+    """``log P(y | x)`` of the dataset's Bayes posterior as the teacher logits (``oracle_kd``)."""
+
+    def __init__(self, method: str, data: Dataset) -> None:
+        self.method = method
+        self.data = data
+        self.train = None
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return bayes_teacher_logits(self.method, self.data, x)
 
 
 def run_experiment(
@@ -177,13 +200,20 @@ def _run(config: RunConfig, *, cache_dir: str | None, device: torch.device, prog
         device=str(device),
         num_threads=threads,
         kdbench_version=__version__,
-        n_train=len(data.y_train),
-        n_val=len(data.y_val),
-        n_test=len(data.y_test),
         teacher_cached=None,
     )
+    if getattr(data, "kind", "classification") == "lm":
+        from kdbench.experiments.lm import LM_ROLE_FIELDS, run_lm
+
+        record.update(data.split_sizes())  # type: ignore[attr-defined]  # sequences
+        for role in ROLES:
+            record.update({f"{role}/{f}": None for f in LM_ROLE_FIELDS + RELIABILITY_FIELDS})
+        return run_lm(config, data, record, cache_dir=cache_dir, device=device, progress=progress)  # type: ignore[arg-type]
+    record.update(n_train=len(data.y_train), n_val=len(data.y_val), n_test=len(data.y_test))
     for role in ROLES:
         record.update({f"{role}/{f}": None for f in ROLE_FIELDS + RELIABILITY_FIELDS})
+    if data.bayes_logits is not None:
+        record.update({f"{BAYES_ROLE}/{k}": v for k, v in _evaluate_bayes(data).items()})
 
     teachers = [
         get_teacher(tc, data, cache_dir=cache_dir, device=device, progress=progress) for tc in teacher_configs(config)
@@ -199,6 +229,10 @@ def _run(config: RunConfig, *, cache_dir: str | None, device: torch.device, prog
             signal = _TeacherSignal(teachers, scale)
             if config.student_recipe.augment == "none":  # type: ignore[union-attr]
                 signal.precompute(data.x_train)
+    if spec.bayes_teacher:
+        signal = _BayesSignal(config.method, data)
+        if config.student_recipe.augment == "none":  # type: ignore[union-attr]
+            signal.precompute(data.x_train)
 
     student = seeded_model(
         lambda: build_model(config.student, data.input_shape, data.num_classes),
@@ -259,15 +293,49 @@ def _evaluate_teachers(teachers: list[Teacher], data: Dataset) -> tuple[dict[str
     return out, test
 
 
-def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per evaluated model: the shared columns, ``role``, then :data:`ROLE_FIELDS`.
+def _evaluate_bayes(data: Dataset) -> dict[str, Any]:
+    """The Bayes-optimal classifier's :data:`ROLE_FIELDS` (and reliability sums) on ``data``'s splits."""
+    bayes = data.bayes_logits
+    assert bayes is not None
+    # float64 logits: the reference should carry no rounding of its own (its true_ce is then ~1e-16).
+    out: dict[str, Any] = evaluate_predictions(
+        bayes(data.x_val), data.y_val, bayes(data.x_test), data.y_test, posterior_test=data.posterior_test
+    )
+    out.update(dict.fromkeys(TRAIN_FIELDS))
+    return out
 
-    The teacher row is left out when the run had no teacher.
+
+def record_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per evaluated model: the shared columns, ``role``, then :func:`role_fields`.
+
+    Roles in order: ``"bayes"`` (method ``"bayes_optimal"``) where the record has the
+    Bayes-optimal reference (datasets with a known posterior), ``"teacher"`` unless the
+    run had no teacher, then ``"student"``.
     """
     shared = {k: v for k, v in record.items() if "/" not in k}
+    names = role_fields(str(record.get("dataset")))
     rows = []
+    if record.get(f"{BAYES_ROLE}/accuracy") is not None:
+        fields = {f: record.get(f"{BAYES_ROLE}/{f}") for f in names}
+        rows.append({**shared, "method": BAYES_METHOD, "role": BAYES_ROLE, **fields})
     for role in ROLES:
         if role == "teacher" and record.get("teacher") is None:
             continue
-        rows.append({**shared, "role": role, **{f: record[f"{role}/{f}"] for f in ROLE_FIELDS}})
+        rows.append({**shared, "role": role, **{f: record.get(f"{role}/{f}") for f in names}})
     return rows
+
+
+def role_fields(dataset: str) -> tuple[str, ...]:
+    """The per-model fields of a record of ``dataset``: :data:`ROLE_FIELDS`, or the language
+    models' (:data:`kdbench.experiments.lm.LM_ROLE_FIELDS`)."""
+    from kdbench.experiments.datasets import dataset_info
+
+    try:
+        kind = dataset_info(dataset).kind
+    except ValueError:
+        kind = "classification"
+    if kind == "lm":
+        from kdbench.experiments.lm import LM_ROLE_FIELDS
+
+        return LM_ROLE_FIELDS
+    return ROLE_FIELDS

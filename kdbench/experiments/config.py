@@ -26,7 +26,7 @@ from typing import Any, Mapping
 from kdbench import _checks
 from kdbench.experiments import datasets as _datasets
 from kdbench.experiments import models as _models
-from kdbench.experiments.methods import METHODS
+from kdbench.experiments.methods import METHODS, no_posterior_error
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine", "multistep")
@@ -141,6 +141,18 @@ DEFAULT_RECIPES: dict[str, Recipe] = {
     "cifar100": Recipe("sgd", 0.05, 64, 187_500, 5e-4, 0.9, "multistep", "crop_flip"),
 }
 
+# Language models (hmm_v<V>, ginc_v<V>): batches of sequences; AdamW (Hugging Face's Trainer), cosine.
+LM_RECIPE = Recipe("adam", 3e-3, 32, 1500, 0.0, 0.9, "cosine", "none")
+
+
+def default_recipe(dataset: str) -> Recipe:
+    """The training recipe of ``dataset`` when a config names none (teacher and student alike)."""
+    if dataset in DEFAULT_RECIPES:
+        return DEFAULT_RECIPES[dataset]
+    if _datasets.dataset_info(dataset).kind == "lm":
+        return LM_RECIPE
+    raise ValueError(f"dataset: no default recipe for {dataset!r}")
+
 
 # --------------------------------------------------------------------------- run config
 
@@ -152,10 +164,11 @@ class RunConfig:
     Fields:
         dataset: a name in ``kdbench.experiments.datasets.DATASETS``.
         student: a model name (``kdbench.experiments.models``), e.g. "cnn1d", "resnet20".
-        method: a name in ``kdbench.experiments.methods.METHODS``.
+        method: a name in ``kdbench.experiments.methods.METHODS``; "oracle_kd" only on a
+            dataset with a known Bayes posterior (gaussian).
         teacher: the teacher's model name; required by the distillation methods, optional
-            for "ce" / "label_smoothing" (then evaluated alongside, and the student's
-            agreement with it reported); for "self_distill" None means the student's.
+            for "ce" / "label_smoothing" / "oracle_kd" (then evaluated alongside, and the
+            student's agreement with it reported); for "self_distill" None means the student's.
         seed: seed of the student's initialisation and batch order.
         teacher_seed: seed of the teacher (ensemble member k uses
             ``teacher_seed + k * ENSEMBLE_SEED_STRIDE``); None = ``seed``.
@@ -223,7 +236,7 @@ class RunConfig:
                 f"data_dir: dataset {self.dataset!r} is read from disk (torchvision format, e.g. {files[0]}); "
                 "expected the directory holding it, got None"
             )
-        default = DEFAULT_RECIPES[self.dataset]
+        default = default_recipe(self.dataset)
         for name in ("student_recipe", "teacher_recipe"):
             recipe = Recipe.build(name, getattr(self, name), default)
             if recipe.augment != "none" and not info.augmentable:
@@ -235,13 +248,13 @@ class RunConfig:
 
     def _validate_names(self) -> _datasets.DatasetInfo:
         dataset = _str("dataset", self.dataset)
-        if dataset not in _datasets.DATASETS:
-            raise ValueError(f"dataset: expected one of {', '.join(map(repr, _datasets.DATASETS))}, got {dataset!r}")
-        info = _datasets.DATASETS[dataset]
+        info = _datasets.dataset_info(dataset)
         method = _checks.check_choice("method", self.method, tuple(METHODS))
         spec = METHODS[method]
+        if spec.bayes_teacher and not info.posterior:
+            raise no_posterior_error(method, dataset)
         student = _models.parse_model(self.student, field="student")
-        _models.check_input(student, info.input_shape, field="student")
+        _models.check_input(student, info.input_shape, field="student", kind=info.kind)
         if self.teacher is None and spec.same_architecture:
             _set(self, "teacher", self.student)
         if self.teacher is None:
@@ -249,7 +262,7 @@ class RunConfig:
                 raise ValueError(f"teacher: method {method!r} distils from a teacher; expected a model name, got None")
         else:
             teacher = _models.parse_model(self.teacher, field="teacher")
-            _models.check_input(teacher, info.input_shape, field="teacher")
+            _models.check_input(teacher, info.input_shape, field="teacher", kind=info.kind)
             if spec.same_architecture and self.teacher != self.student:
                 raise ValueError(
                     f"teacher: method {method!r} uses the student's architecture {self.student!r}, got {self.teacher!r}"

@@ -63,6 +63,8 @@ class DatasetInfo:
     from_disk: bool  # read from ``data_dir``
     sizable: bool  # accepts ``dataset_size`` (generated datasets)
     augmentable: bool  # image data for which random crops make sense
+    posterior: bool = False  # the Bayes posterior P(y | x) is known in closed form (oracle_kd, bayes/ fields)
+    kind: str = "classification"  # or "lm": token sequences (N, L), next-token prediction over V = num_classes
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,10 @@ class Dataset:
     """Splits as tensors: x_* float32 ``(N, *input_shape)``, y_* int64 ``(N,)``.
 
     ``posterior_val`` / ``posterior_test`` hold the Bayes posterior ``(N, C)`` (float64)
-    where it is known (``gaussian``), else None.
+    where it is known (``gaussian``), else None.  ``bayes_logits`` (None where the
+    posterior is unknown) maps any inputs ``(N, *input_shape)``, training split included,
+    on any device, to float64 logits ``(N, C)`` whose softmax is that posterior; their
+    ``log_softmax`` is ``log P(y | x)``, finite even where the posterior underflows to 0.
     """
 
     name: str
@@ -84,6 +89,7 @@ class Dataset:
     y_test: torch.Tensor
     posterior_val: torch.Tensor | None = None
     posterior_test: torch.Tensor | None = None
+    bayes_logits: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def to(self, device: torch.device | str) -> "Dataset":
         """A copy with every tensor on ``device`` (the same object when already there)."""
@@ -98,6 +104,7 @@ class Dataset:
             *(move(t) for t in (self.x_train, self.y_train, self.x_val, self.y_val, self.x_test, self.y_test)),
             posterior_val=move(self.posterior_val),
             posterior_test=move(self.posterior_test),
+            bayes_logits=self.bayes_logits,
         )
 
 
@@ -129,6 +136,7 @@ def _finish(
     rng: np.random.Generator,
     standardise: bool,
     posterior: Callable[[np.ndarray], np.ndarray] | None = None,
+    bayes_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Dataset:
     """Carve validation from train, standardise with train statistics, convert to tensors."""
     keep, held = stratified_split(y_trainval, val_fraction, rng)
@@ -164,6 +172,7 @@ def _finish(
         t(y_test, torch.int64),
         posterior_val=post_val,
         posterior_test=post_test,
+        bayes_logits=bayes_logits,
     )
 
 
@@ -244,6 +253,21 @@ def gaussian_posterior(x: np.ndarray, means: np.ndarray) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
+class GaussianBayesLogits:
+    """``x . mu_k - |mu_k|^2 / 2`` in torch, float64 ``(n, K)``: the logits of :func:`gaussian_posterior`.
+
+    Works on inputs on any device (the means follow them), so it survives :meth:`Dataset.to`.
+    """
+
+    def __init__(self, means: np.ndarray) -> None:
+        self.means = torch.from_numpy(np.asarray(means, dtype=np.float64))
+        self.bias = -0.5 * (self.means * self.means).sum(1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        means, bias = self.means.to(x.device), self.bias.to(x.device)
+        return x.reshape(len(x), -1).double() @ means.T + bias
+
+
 def _load_gaussian(*, data_seed: int, dataset_size: int | None, val_fraction: float, data_dir: str | None) -> Dataset:
     means = gaussian_means(data_seed)
     x, y = gaussian_sample(means, GAUSSIAN_DEFAULT_SIZE if dataset_size is None else dataset_size, data_seed)
@@ -261,6 +285,7 @@ def _load_gaussian(*, data_seed: int, dataset_size: int | None, val_fraction: fl
         rng=rng,
         standardise=False,
         posterior=lambda a: gaussian_posterior(a, means),
+        bayes_logits=GaussianBayesLogits(means),
     )
 
 
@@ -423,7 +448,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "mnist1d": DatasetInfo("mnist1d", (40,), 10, from_disk=False, sizable=True, augmentable=False),
     "digits": DatasetInfo("digits", (1, 8, 8), 10, from_disk=False, sizable=False, augmentable=False),
     "gaussian": DatasetInfo("gaussian", (GAUSSIAN_DIM,), GAUSSIAN_CLASSES, from_disk=False, sizable=True,
-                            augmentable=False),
+                            augmentable=False, posterior=True),
     "mnist": DatasetInfo("mnist", (1, 28, 28), 10, from_disk=True, sizable=False, augmentable=True),
     "fashion_mnist": DatasetInfo("fashion_mnist", (1, 28, 28), 10, from_disk=True, sizable=False, augmentable=True),
     "cifar10": DatasetInfo("cifar10", (3, 32, 32), 10, from_disk=True, sizable=False, augmentable=True),
@@ -441,9 +466,23 @@ _LOADERS = {
 }
 
 
+def dataset_info(name: object, *, field: str = "dataset") -> DatasetInfo:
+    """What is known about dataset ``name``: an entry of :data:`DATASETS`, or a synthetic language
+    ``hmm_v<V>`` / ``ginc_v<V>`` (:mod:`kdbench.experiments.lm_data`).  ``ValueError`` naming ``field`` otherwise."""
+    if isinstance(name, str) and name in DATASETS:
+        return DATASETS[name]
+    from kdbench.experiments import lm_data
+
+    info = lm_data.lm_dataset_info(name, field=field) if isinstance(name, str) else None
+    if info is None:
+        known = ", ".join(map(repr, DATASETS))
+        raise ValueError(f"{field}: expected one of {known}, hmm_v<V> or ginc_v<V> (V >= 3 tokens), got {name!r}")
+    return info
+
+
 def check_available(name: str, data_dir: str | None) -> None:
     """Raise ``FileNotFoundError`` naming ``data_dir`` and the missing files if a disk dataset is absent."""
-    if DATASETS[name].from_disk:
+    if dataset_info(name).from_disk:
         if data_dir is None:
             raise ValueError(f"data_dir: dataset {name!r} is read from disk; expected a directory, got None")
         _locate(name, data_dir)
@@ -466,8 +505,12 @@ def load_dataset(
         dataset_size: total samples of a generated dataset (mnist1d, gaussian); None = default.
         val_fraction: share of the training split held out, stratified, for validation.
     """
-    if name not in DATASETS:
-        raise ValueError(f"dataset: expected one of {', '.join(map(repr, DATASETS))}, got {name!r}")
+    info = dataset_info(name)
+    if info.kind == "lm":
+        from kdbench.experiments import lm_data
+
+        return lm_data.load_lm_dataset(name, data_seed=data_seed, dataset_size=dataset_size,  # type: ignore[return-value]
+                                       val_fraction=val_fraction)
     check_available(name, data_dir)
     return _LOADERS[name](data_seed=data_seed, dataset_size=dataset_size, val_fraction=val_fraction,
                           data_dir=data_dir)

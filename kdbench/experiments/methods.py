@@ -19,6 +19,8 @@ method             objective (z_s student logits, z_t teacher logits, y labels)
 ``ensemble_kd``    ``kd`` with z_t = log mean_k softmax(z_t^(k)): the mean probability of K teachers
 ``logit_mse``      alpha CE + (1 - alpha) mean_j (z_s,j - z_t,j)^2 (Ba & Caruana 2014's logit regression)
 ``entropy_match``  CE + lambda (H(p_s) - H(p_t))^2 per row, H at T = 1, lambda = ``entropy_weight``
+``oracle_kd``      ``kd`` from the ideal teacher, z_t = log P(y | x): the dataset's true Bayes posterior,
+                   which only synthetic data (``gaussian``) has; a teacher model is optional
 =================  ==========================================================================
 
 ``logit_mse`` and ``entropy_match`` are not divergences between p_t and p_s, so
@@ -35,6 +37,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from kdbench.experiments.datasets import DATASETS, Dataset
 from kdbench.loss import kd_loss
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -48,6 +51,7 @@ class MethodInfo:
     teacher_temperature_scaled: bool = False  # teacher logits divided by their validation-fitted T
     ensemble: bool = False  # the teacher is the mean probability of `ensemble_size` teachers
     same_architecture: bool = False  # teacher = student architecture
+    bayes_teacher: bool = False  # the teacher signal is the dataset's Bayes posterior, log P(y | x)
 
 
 METHODS: dict[str, MethodInfo] = {
@@ -64,6 +68,8 @@ METHODS: dict[str, MethodInfo] = {
         MethodInfo("ensemble_kd", needs_teacher=True, ensemble=True),
         MethodInfo("logit_mse", needs_teacher=True),
         MethodInfo("entropy_match", needs_teacher=True),
+        # A teacher model is optional, as for ce: named, it is evaluated alongside for comparison.
+        MethodInfo("oracle_kd", needs_teacher=False, bayes_teacher=True),
     )
 }
 
@@ -75,6 +81,7 @@ _DIVERGENCE = {
     "kd_ls_teacher": "forward",
     "self_distill": "forward",
     "ensemble_kd": "forward",
+    "oracle_kd": "forward",
 }
 
 
@@ -88,6 +95,25 @@ def ensemble_logits(member_logits: list[torch.Tensor]) -> torch.Tensor:
     """``log mean_k softmax(z^(k))``: logits whose softmax is the ensemble's mean probability."""
     log_p = torch.stack([F.log_softmax(z.float(), dim=-1) for z in member_logits])
     return torch.logsumexp(log_p, dim=0) - math.log(len(member_logits))
+
+
+def no_posterior_error(method: str, dataset: str) -> ValueError:
+    """The error of a ``bayes_teacher`` method asked to run on a dataset without a known posterior."""
+    known = ", ".join(repr(name) for name, info in DATASETS.items() if info.posterior) + ", hmm_v<V>, ginc_v<V>"
+    return ValueError(
+        f"method: {method!r} distils from the dataset's true Bayes posterior, known only for {known}; "
+        f"dataset {dataset!r} has none, expected another method"
+    )
+
+
+def bayes_teacher_logits(method: str, data: Dataset, x: torch.Tensor) -> torch.Tensor:
+    """``log P(y | x)`` under ``data``'s Bayes posterior, float32 ``(N, C)``: ``oracle_kd``'s teacher logits.
+
+    float32 like every trained teacher's logits, so that the loss runs in the same precision.
+    """
+    if data.bayes_logits is None:
+        raise no_posterior_error(method, data.name)
+    return F.log_softmax(data.bayes_logits(x), dim=-1).float()
 
 
 def make_loss(
@@ -104,7 +130,7 @@ def make_loss(
     ``student_logits`` and ``teacher_logits`` are ``(N, C)``; labels ``(N,)`` int64.
     ``teacher_logits`` is None for ``ce`` and ``label_smoothing`` (ignored if given) and
     must already be the method's teacher signal (temperature-scaled for ``kd_ts``, the
-    ensemble's :func:`ensemble_logits` for ``ensemble_kd``).
+    ensemble's :func:`ensemble_logits` for ``ensemble_kd``, ``log P(y | x)`` for ``oracle_kd``).
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {', '.join(map(repr, METHODS))}, got {method!r}")

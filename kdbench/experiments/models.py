@@ -14,6 +14,9 @@ Names (``W``, ``D``, ``C``, ``k`` are integers):
   a 32-channel stem), 1x1-conv shortcuts when the shape changes.
 * ``wrn_D_k`` (D = 6n + 4): wide ResNet (Zagoruyko & Komodakis), pre-activation blocks,
   widths 16k/32k/64k: ``wrn_40_2``, ``wrn_16_2``, ...
+* ``llama_HxD``: a Hugging Face ``LlamaForCausalLM`` of hidden size H and D layers, built from
+  a config with random weights (:func:`llama_config`), for the language datasets only
+  (``hmm_v<V>``, ``ginc_v<V>``): input ``(L,)`` token ids, output ``(L, V)`` logits.
 
 The usual KD pairs are resnet56 -> resnet20, resnet32x4 -> resnet8x4, wrn_40_2 -> wrn_16_2.
 Every builder takes ``(input_shape, num_classes)``; inputs are ``(N, *input_shape)``.
@@ -218,6 +221,53 @@ def _init_conv_bn(model: nn.Module) -> None:
 
 # --------------------------------------------------------------------------- registry
 
+# --------------------------------------------------------------------------- causal language models
+
+
+class CausalLM(nn.Module):
+    """A Hugging Face ``LlamaForCausalLM`` built from a config (random init, nothing downloaded).
+
+    ``forward(tokens (N, L) int64) -> logits (N, L, V)``: position i scores token i + 1.
+    ``self.hf`` is the Hugging Face model itself, what a ``Trainer`` trains.
+    """
+
+    def __init__(self, hf: nn.Module) -> None:
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=tokens).logits
+
+
+def llama_config(vocab_size: int, seq_len: int, hidden: int, layers: int):  # -> transformers.LlamaConfig
+    """``llama_<hidden>x<layers>``: head size 32 (one head below 64), SwiGLU width 8/3 hidden
+    rounded up to 8, tied input and output embeddings (at V = 128k the embedding dominates)."""
+    from transformers import LlamaConfig
+
+    heads = max(1, hidden // 32)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=-(-8 * hidden // 3 // 8) * 8,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=seq_len,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+
+
+def _llama(input_shape: tuple[int, ...], num_classes: int, hidden: int, layers: int) -> nn.Module:
+    try:
+        from transformers import LlamaForCausalLM
+    except ImportError:  # pragma: no cover - the lm extra installs it
+        raise ImportError('model: causal language models need transformers: pip install "kdbench[lm]"') from None
+    return CausalLM(LlamaForCausalLM(llama_config(num_classes, input_shape[0], hidden, layers)))
+
+
 FAMILIES: dict[str, ModelFamily] = {
     "linear": ModelFamily(r"linear", "any", lambda s, c: _mlp(s, c, 0, 0), "linear"),
     "mlp": ModelFamily(r"mlp(?:_(\d+)x(\d+))?", "any", _mlp, "mlp_256x3"),
@@ -226,6 +276,7 @@ FAMILIES: dict[str, ModelFamily] = {
     "resnet": ModelFamily(r"resnet(\d+)", "image", lambda s, c, d: _resnet(s, c, d, False), "resnet56"),
     "resnetx4": ModelFamily(r"resnet(\d+)x4", "image", lambda s, c, d: _resnet(s, c, d, True), "resnet8x4"),
     "wrn": ModelFamily(r"wrn_(\d+)_(\d+)", "image", _wrn, "wrn_40_2"),
+    "llama": ModelFamily(r"llama_(\d+)x(\d+)", "tokens", _llama, "llama_64x2"),
 }
 
 
@@ -247,6 +298,8 @@ def _check_args(family: str, args: tuple[int, ...], name: str) -> None:
         bad = "depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, 44, 56, 110, ...)"
     elif family == "wrn" and (args[0] < 10 or (args[0] - 4) % 6 or args[1] < 1):
         bad = "depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, 40, ...) and width k >= 1"
+    elif family == "llama" and (args[0] < 8 or args[0] % 8 or args[1] < 1 or (args[0] >= 64 and args[0] % 32)):
+        bad = "hidden size must be a multiple of 8 (of 32 from 64 up, the head size) and layers >= 1"
     if bad:
         raise ValueError(f"{name!r}: {bad}")
 
@@ -270,8 +323,17 @@ def parse_model(name: object, *, field: str = "model") -> ModelSpec:
     )
 
 
-def check_input(spec: ModelSpec, input_shape: tuple[int, ...], *, field: str = "model") -> None:
-    """``ValueError`` when the model cannot take inputs of ``input_shape``."""
+def check_input(spec: ModelSpec, input_shape: tuple[int, ...], *, field: str = "model",
+                kind: str = "classification") -> None:
+    """``ValueError`` when the model cannot take inputs of ``input_shape`` from a dataset of ``kind``."""
+    if (spec.input_kind == "tokens") != (kind == "lm"):
+        if kind == "lm":
+            raise ValueError(
+                f"{field}: {spec.name!r} is a classifier; a language dataset needs a causal language model "
+                f"such as 'llama_64x2' (hidden size x layers)"
+            )
+        raise ValueError(f"{field}: {spec.name!r} is a causal language model; it needs a language dataset "
+                         f"(hmm_v<V>, ginc_v<V>), not a classification dataset")
     if spec.input_kind == "sequence" and not (len(input_shape) == 1 or (len(input_shape) == 2 and input_shape[0] == 1)):
         raise ValueError(f"{field}: {spec.name!r} takes 1-D sequences (L,), but the data has shape {input_shape}")
     if spec.input_kind == "image" and len(input_shape) != 3:
@@ -284,7 +346,8 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int) -> nn
     Parameters are initialised from torch's global RNG: seed it first.
     """
     spec = parse_model(name)
-    check_input(spec, tuple(input_shape))
+    if spec.input_kind != "tokens":
+        check_input(spec, tuple(input_shape))
     return FAMILIES[spec.family].build(tuple(input_shape), num_classes, *spec.args)
 
 

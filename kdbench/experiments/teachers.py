@@ -104,6 +104,15 @@ def train_teacher(
         lambda: build_model(tc.model, data.input_shape, data.num_classes), derive_seed(tc.seed, "teacher-init"), device
     )
     eps = tc.smoothing
+    if getattr(data, "kind", "classification") == "lm":
+        from kdbench.experiments.lm import train_lm
+        from kdbench.experiments.methods import make_loss
+
+        r = train_lm(model, data.tokens_train, tc.recipe, seed=derive_seed(tc.seed, "teacher"), device=device,  # type: ignore[attr-defined]
+                     loss_fn=make_loss("label_smoothing", smoothing=eps) if eps else None, progress=progress,
+                     label=f"teacher {tc.model} seed {tc.seed}" + (f" ls {eps}" if eps else ""))
+        # samples_per_second holds tokens per second for a language model (scored positions).
+        return model, TrainResult(r.seconds, r.tokens_per_second, r.steps, r.final_loss)
     result = train_model(
         model,
         data.x_train,

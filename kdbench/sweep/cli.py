@@ -40,6 +40,8 @@ def _report_tables(info: dict, suite_dir: Path) -> None:
         return
     print(f"kdbench: tables from {info['records']} records ({info['rows']} model rows{missing}), "
           f"{len(info['figures'])} figures: {suite_dir / 'table.md'}", file=sys.stderr)
+    claims = ", ".join(f"{n} {name}" for name, n in info["claims"].items())
+    print(f"kdbench: claims ({claims}): {suite_dir / 'claims.md'}", file=sys.stderr)
 
 
 def _shown(path: Path) -> Path:

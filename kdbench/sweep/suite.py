@@ -19,6 +19,7 @@ A suite is data, never code.  The format::
     method = "kd"
     label = "kd_T2"                   # optional; defaults to the method name; unique
     temperature = 2.0                 # any other key: a RunConfig field for this variant
+    datasets = ["mnist1d"]            # optional: run this variant on these datasets only
 
 The grid is datasets x pairs x methods x seeds.  ``self_distill`` distils the pair's
 student architecture into itself (its teacher is the student's architecture).
@@ -197,9 +198,10 @@ def load_suite(path: str | Path) -> Suite:
         raise loc.error(None, None, "method", "expected at least one [[method]] table")
 
     method_entries: list[tuple[str, dict[str, Any]]] = []
+    method_only: list[frozenset[str] | None] = []  # a method's `datasets`: the only datasets it runs on
     for i, entry in enumerate(methods):
         entry = dict(_mapping(loc, "method", i, entry))
-        _unknown(loc, "method", i, entry, (RUN_FIELDS - GRID_FIELDS) | {"label"})
+        _unknown(loc, "method", i, entry, (RUN_FIELDS - GRID_FIELDS) | {"label", "datasets"})
         if "method" not in entry:
             raise loc.error("method", i, "method", "missing (each [[method]] names one)")
         label = entry.pop("label", entry["method"])
@@ -207,7 +209,19 @@ def load_suite(path: str | Path) -> Suite:
             raise loc.error("method", i, "label", f"expected a short name (letters, digits, _ . - =), got {label!r}")
         if label in [m[0] for m in method_entries]:
             raise loc.error("method", i, "label", f"{label!r} is used by an earlier [[method]]; labels must be unique")
+        only = entry.pop("datasets", None)
+        if only is not None:
+            declared = [d.get("name") for d in datasets if isinstance(d, Mapping)]
+            if not isinstance(only, list) or not only or not all(isinstance(x, str) for x in only):
+                raise loc.error("method", i, "datasets", f"expected a non-empty list of dataset names, got {only!r}")
+            for x in only:
+                if x not in declared:
+                    raise loc.error(
+                        "method", i, "datasets",
+                        f"{x!r} is not a [[dataset]] of this suite; expected some of {', '.join(map(str, declared))}",
+                    )
         method_entries.append((label, entry))
+        method_only.append(None if only is None else frozenset(only))
 
     runs: list[Run] = []
     dataset_names: list[str] = []
@@ -228,7 +242,9 @@ def load_suite(path: str | Path) -> Suite:
             if not isinstance(p, Mapping) or set(p) != {"teacher", "student"}:
                 raise loc.error("dataset", d, "pairs", f"expected {{teacher = ..., student = ...}}, got {p!r}")
         for pair in pairs:
-            for label, m_entry in method_entries:
+            for (label, m_entry), only in zip(method_entries, method_only):
+                if only is not None and ds not in only:
+                    continue
                 for seed in seeds:
                     fields = {**defaults, **entry, **m_entry, "dataset": ds, "student": pair["student"], "seed": seed}
                     fields["teacher"] = pair["student"] if m_entry["method"] == "self_distill" else pair["teacher"]

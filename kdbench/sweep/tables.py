@@ -20,11 +20,23 @@ from typing import Any
 
 from kdbench.experiments import METHODS, ROLE_FIELDS, record_rows
 from kdbench.experiments.teachers import teacher_configs
-from kdbench._io import atomic_write, atomic_write_text
+from kdbench._io import atomic_write_text
 from kdbench.experiments.config import stable_hash
 from kdbench.sweep.claims import Claims
+from kdbench.sweep.figures import write_figures
 from kdbench.sweep.store import jsonable, load_records
 from kdbench.sweep.suite import Run, Suite
+from kdbench.sweep.verdicts import (
+    CLAIM_COLUMNS,
+    VERDICTS,
+    Verdict,
+    claims_markdown,
+    evaluate_claims,
+    fmt_interval,
+    paired_interval,
+    summary_lines,
+    update_narrative,
+)
 
 HEADLINE = (
     ("accuracy", "Acc"),
@@ -36,6 +48,22 @@ HEADLINE = (
     ("aurc", "AURC"),
     ("agreement", "Agree"),
 )
+# Language datasets (hmm_v<V>, ginc_v<V>): token-level metrics against the true next-token distribution.
+LM_HEADLINE = (
+    ("accuracy", "Acc"),
+    ("nll", "NLL"),
+    ("excess_nll", "NLL − floor"),
+    ("ece", "ECE"),
+    ("ece_ts", "ECE (TS)"),
+    ("true_ce", "True CE"),
+    ("true_kl", "KL(truth ‖ model)"),
+    ("agreement", "Agree"),
+    ("train_tokens_per_second", "tokens/s"),
+)
+DIGITS = {"train_tokens_per_second": 0}
+HIGHER_IS_BETTER = {"accuracy", "agreement", "train_tokens_per_second"}  # every other column: lower is better
+DELTAS = (("accuracy", "Acc"), ("nll", "NLL"), ("ece", "ECE"))  # columns with a paired difference against ce
+ROLE_ORDER = {"bayes": -1, "teacher": 0, "student": 1}  # reference rows first
 # Shown where the dataset has a known Bayes posterior (gaussian): the calibration error
 # against the true P(y = pred | x), which the binned estimates only approximate.
 TRUE_CE = (("true_ce", "True CE"), ("true_ce_ts", "True CE (TS)"))
@@ -61,14 +89,20 @@ def _teacher_key(run: Run) -> str:
 
 
 def model_rows(found: list[tuple[Run, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per evaluated model (teachers deduplicated per pair and seed)."""
+    """One row per evaluated model (teachers and the Bayes reference deduplicated per pair and seed)."""
     rows: list[dict[str, Any]] = []
     seen: set[tuple[str, ...]] = set()
     for run, record in found:
         for row in record_rows(record):
             row = {k: v for k, v in row.items() if k not in BIN_FIELDS}
             row["pair"] = run.pair
-            if row["role"] == "teacher":
+            if row["role"] == "bayes":
+                # The same reference in every run of a (dataset, seed): keep one.
+                key = (run.config.dataset, run.pair, "bayes", str(run.config.seed))
+                if key in seen:
+                    continue
+                seen.add(key)
+            elif row["role"] == "teacher":
                 key = (run.config.dataset, run.pair, _teacher_key(run))
                 if key in seen:
                     continue
@@ -82,166 +116,124 @@ def model_rows(found: list[tuple[Run, dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def _columns(rows: list[dict[str, Any]]) -> list[str]:
-    metrics = [f for f in ROLE_FIELDS if f not in BIN_FIELDS]
+    from kdbench.experiments.lm import LM_ROLE_FIELDS
+
+    present = {k for r in rows for k in r}
+    metrics = [f for f in dict.fromkeys(ROLE_FIELDS + LM_ROLE_FIELDS) if f not in BIN_FIELDS and f in present]
     rest = sorted({k for r in rows for k in r} - set(LEAD) - set(metrics))
     return list(LEAD) + metrics + rest
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+def write_csv(rows: list[dict[str, Any]], path: Path, columns: list[str] | None = None) -> None:
     import csv
 
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=_columns(rows), extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=columns or _columns(rows), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
     atomic_write_text(path, buf.getvalue())
 
 
-def _mean_std(values: list[float]) -> str:
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+def _clean(values: Any) -> list[float]:
+    return [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+
+
+def _mean_std(values: list[float], digits: int = 4) -> str:
+    vals = _clean(values)
     if not vals:
         return "–"
     mean = sum(vals) / len(vals)
     if len(vals) == 1:
-        return f"{mean:.4f}"
+        return f"{mean:.{digits}f}"
     std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-    return f"{mean:.4f} ± {std:.4f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def markdown_tables(suite: Suite, rows: list[dict[str, Any]], missing: int) -> str:
+def _delta_vs_ce(g: Any, base: Any, field: str) -> str:
+    """Mean paired difference (same seed) of ``field`` against the pair's ``ce`` students, with its 95% interval."""
+    ref = {seed: v for seed, v in zip(base["seed"], base[field]) if _clean([v])}
+    diffs = [v - ref[seed] for seed, v in zip(g["seed"], g[field]) if _clean([v]) and seed in ref]
+    if len(diffs) < 2:
+        return "–"
+    return fmt_interval(*paired_interval(diffs), digits=3)
+
+
+def _mark_best(body: list[list[str]], students: list[int], columns: tuple[tuple[str, str], ...], first: int) -> None:
+    """Bold the best student mean of each metric column (within one teacher → student pair)."""
+    for j, (field, _) in enumerate(columns):
+        sign = 1 if field in HIGHER_IS_BETTER else -1
+        means = [(float(body[i][first + j].split(" ")[0]), i) for i in students if body[i][first + j] != "–"]
+        if not means:
+            continue
+        best = max(sign * m for m, _ in means)
+        for m, i in means:
+            if sign * m == best:
+                body[i][first + j] = f"**{body[i][first + j]}**"
+
+
+def markdown_tables(suite: Suite, rows: list[dict[str, Any]], missing: int,
+                    verdicts: list[Verdict] | None = None) -> str:
     import pandas as pd
     from tabulate import tabulate
 
     df = pd.DataFrame(rows)
     out = [f"# Suite `{suite.name}`", ""]
+    summary = summary_lines(verdicts or [])
+    if summary:
+        out += ["What these runs say about the claims tested in `claims.md` (paired differences over seeds, 95% "
+                "intervals; every comparison, including the inconclusive ones, is there):", "", *summary, ""]
     if suite.description:
         out += [suite.description, ""]
     out += [
         f"Mean ± sample std over seeds ({len(set(df['seed'])) if len(df) else 0} seeds); "
         "ECE: 15 equal-width bins; ECE (TS): after temperature scaling fitted on validation; "
         "AdaECE: 15 equal-mass bins; Agree: top-1 agreement with the teacher; "
-        "True CE (datasets with a known Bayes posterior): mean |confidence − P(y = prediction | x)|.",
+        "True CE (datasets with a known Bayes posterior): mean |confidence − P(y = prediction | x)|. "
+        "Δ vs ce: mean difference from the `ce` student of the same pair at the same seed, with its 95% "
+        "paired-t interval. **Bold**: the best student mean of the column within its teacher → student pair.",
         "",
     ]
     if missing:
         out += [f"**{missing} of {len(suite.runs)} runs have no record yet: these tables are partial.**", ""]
     order = {label: i for i, label in enumerate(suite.labels)}
+    base_label = "ce" if "ce" in order else None
     for dataset in suite.datasets:
         part = df[df["dataset"] == dataset] if len(df) else df
         if not len(part):
             continue
         out += [f"## {dataset}", ""]
-        columns = HEADLINE + (TRUE_CE if part["true_ce"].notna().any() else ())
-        body = []
+        if "excess_nll" in part and part["excess_nll"].notna().any():
+            columns = LM_HEADLINE
+            out += ["Token-level, over every scored test position. NLL − floor: the NLL above the entropy of the "
+                    "true next-token distribution; True CE: mean |confidence − P(top-1 token | context)|; "
+                    "KL(truth ‖ model): exact, from the forward algorithm; tokens/s: training throughput "
+                    "(scored positions). `bayes_optimal` is the true distribution itself.", ""]
+        else:
+            columns = HEADLINE + (TRUE_CE if "true_ce" in part and part["true_ce"].notna().any() else ())
+        body: list[list[str]] = []
         pairs = list(dict.fromkeys(part["pair"]))
         for pair in pairs:
             sub = part[part["pair"] == pair]
+            base = sub[(sub["role"] == "student") & (sub["method"] == base_label)]
             groups = list(dict.fromkeys(zip(sub["role"], sub["method"])))
-            groups.sort(key=lambda g: (g[0] != "teacher", order.get(g[1], -1), g[1]))
+            groups.sort(key=lambda g: (ROLE_ORDER.get(g[0], 1), order.get(g[1], -1), g[1]))
+            students = []
             for role, method in groups:
                 g = sub[(sub["role"] == role) & (sub["method"] == method)]
-                model = g["teacher"].iloc[0] if role == "teacher" else g["student"].iloc[0]
-                body.append(
-                    [pair.replace("->", " → "), method, model, len(g)]
-                    + [_mean_std(list(g[f])) for f, _ in columns]
-                )
-        out.append(tabulate(body, headers=["teacher → student", "method", "model", "n"] + [h for _, h in columns],
-                            tablefmt="pipe", disable_numparse=True))
+                model = {"teacher": g["teacher"].iloc[0], "student": g["student"].iloc[0]}.get(role, "–")
+                deltas = [("–" if role != "student" or method == base_label or not len(base)
+                           else _delta_vs_ce(g, base, f)) for f, _ in DELTAS]
+                if role == "student":
+                    students.append(len(body))
+                body.append([pair.replace("->", " → "), method, model, str(len(g))]
+                            + [_mean_std(list(g[f]), DIGITS.get(f, 4)) for f, _ in columns] + deltas)
+            _mark_best(body, students, columns, first=4)
+        headers = (["teacher → student", "method", "model", "n"] + [h for _, h in columns]
+                   + [f"Δ{h} vs ce" for _, h in DELTAS])
+        out.append(tabulate(body, headers=headers, tablefmt="pipe", disable_numparse=True))
         out.append("")
     return "\n".join(out) + "\n"
-
-
-def _pooled_bins(found: list[tuple[Run, dict[str, Any]]], dataset: str, pair: str) -> dict[str, list[list[float]]]:
-    """Per method (and the plain teacher), the per-bin sums added over seeds."""
-    pooled: dict[str, list[list[float]]] = {}
-    seen: set[str] = set()
-    for run, record in found:
-        if run.config.dataset != dataset or run.pair != pair:
-            continue
-        entries = [(run.label, "student")]
-        ident = _teacher_key(run)
-        if record.get("teacher/bin_count") is not None and _teacher_kind(run) == "teacher:ce" and ident not in seen:
-            seen.add(ident)
-            entries.append(("teacher", "teacher"))
-        for name, role in entries:
-            sums = [record.get(f"{role}/{f}") for f in BIN_FIELDS]
-            if any(s is None for s in sums):
-                continue
-            acc = pooled.setdefault(name, [[0.0] * len(sums[0]) for _ in BIN_FIELDS])
-            for i, s in enumerate(sums):
-                acc[i] = [a + b for a, b in zip(acc[i], s)]
-    return pooled
-
-
-def write_figures(suite: Suite, found: list[tuple[Run, dict[str, Any]]], rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-
-    def save(fig: Any, path: Path) -> None:
-        atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"))
-        plt.close(fig)
-        written.append(path)
-
-    for dataset in suite.datasets:
-        pairs = list(dict.fromkeys(r.pair for r, _ in found if r.config.dataset == dataset))
-        for pair in pairs:
-            pooled = _pooled_bins(found, dataset, pair)
-            names = [n for n in ["teacher", *suite.labels] if n in pooled]
-            if not names:
-                continue
-            cols = min(len(names), 4)
-            nrows = math.ceil(len(names) / cols)
-            fig, axes = plt.subplots(nrows, cols, figsize=(3.1 * cols, 3.3 * nrows), squeeze=False,
-                                     layout="constrained")
-            for ax in axes.flat[len(names):]:
-                ax.axis("off")
-            fig.get_layout_engine().set(h_pad=0.08, hspace=0.06)
-            for ax, name in zip(axes.flat, names):
-                count, conf_sum, correct_sum = pooled[name]
-                m = len(count)
-                edges = [i / m for i in range(m)]
-                acc = [c / n if n else 0.0 for c, n in zip(correct_sum, count)]
-                conf = [c / n if n else 0.0 for c, n in zip(conf_sum, count)]
-                total = sum(count)
-                ece = sum(abs(a - c) * n for a, c, n in zip(acc, conf, count)) / total if total else float("nan")
-                ax.bar(edges, acc, width=1 / m, align="edge", color="#4c72b0", edgecolor="white", label="accuracy")
-                ax.bar(edges, [c - a for a, c in zip(acc, conf)], bottom=acc, width=1 / m, align="edge",
-                       color="#dd8452", alpha=0.45, label="gap to confidence")
-                ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-                ax.set_xlim(0, 1)
-                ax.set_ylim(0, 1)
-                ax.set_title(f"{name}\nECE {ece:.3f} (pooled seeds)", fontsize=9)
-                ax.set_xlabel("confidence", fontsize=8)
-                ax.set_ylabel("accuracy", fontsize=8)
-                ax.tick_params(labelsize=7)
-            axes.flat[0].legend(fontsize=7, loc="upper left")
-            fig.suptitle(f"{suite.name}: {dataset}, {pair.replace('->', ' → ')}", fontsize=10)
-            save(fig, out_dir / f"reliability_{dataset}_{pair.replace('->', '_to_')}.png")
-
-        part = [r for r in rows if r["dataset"] == dataset and r.get("accuracy") is not None]
-        if not part:
-            continue
-        fig, ax = plt.subplots(figsize=(6.2, 4.2), layout="constrained")
-        methods = list(dict.fromkeys(r["method"] for r in part))
-        cmap = plt.get_cmap("tab20")
-        for i, method in enumerate(methods):
-            pts = [r for r in part if r["method"] == method]
-            marker = "*" if method.startswith("teacher") else "o"
-            ax.scatter([r["accuracy"] for r in pts], [r["ece"] for r in pts], s=60 if marker == "*" else 28,
-                       marker=marker, color=cmap(i % 20), label=method, alpha=0.85, edgecolors="none")
-        ax.set_xlabel("test accuracy")
-        ax.set_ylabel("test ECE (15 bins)")
-        ax.set_title(f"{suite.name}: {dataset} — ECE vs accuracy (one point per model and seed)", fontsize=9)
-        ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
-        ax.grid(alpha=0.3)
-        save(fig, out_dir / f"ece_vs_accuracy_{dataset}.png")
-    return written
 
 
 class NoRecordsError(ValueError):
@@ -285,8 +277,13 @@ def write_tables(suite: Suite, results_root: Path, *, figures: bool = True, skip
                 and (suite_dir / "table.md").is_file():
             info["current"] = True
             return info
+        verdicts = evaluate_claims(rows, {run.label: run.config.method for run in suite.runs})
         write_csv(rows, suite_dir / "results.csv")
-        atomic_write_text(suite_dir / "table.md", markdown_tables(suite, rows, len(lookups)))
+        atomic_write_text(suite_dir / "table.md", markdown_tables(suite, rows, len(lookups), verdicts))
+        atomic_write_text(suite_dir / "claims.md", claims_markdown(suite.name, verdicts))
+        write_csv([v.as_row() for v in verdicts], suite_dir / "claims.csv", columns=CLAIM_COLUMNS)
+        info["narrative"] = update_narrative(results_root / "README.md", suite.name, verdicts)
+        info["claims"] = {name: sum(v.verdict == name for v in verdicts) for name in VERDICTS}
         if figures:
             info["figures"] = [str(p) for p in write_figures(suite, found, rows, suite_dir / "figures")]
         atomic_write_text(stamp_path, stamp + "\n")
