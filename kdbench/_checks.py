@@ -74,6 +74,12 @@ def check_labels(
         raise TypeError(f"{name}: expected a torch.Tensor of integer class indices, got {type(labels).__name__}")
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"{name}: expected an integer dtype (e.g. torch.long), got {labels.dtype}")
+    if not labels.dtype.is_signed and ignore_index < 0:
+        # -100 would wrap to 156 in uint8: a real class would be dropped without a word.
+        raise TypeError(
+            f"{name}: an unsigned dtype ({labels.dtype}) cannot hold ignore_index={ignore_index}; "
+            "expected a signed integer dtype (e.g. torch.long)"
+        )
     if labels.shape != lead_shape:
         raise ValueError(
             f"{name}: expected shape {tuple(lead_shape)} (the leading dims of the logits), got {tuple(labels.shape)}"

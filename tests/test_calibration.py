@@ -625,3 +625,15 @@ def test_internal_callers_pass_logits_without_the_warning():
     z = torch.softmax(z.double(), dim=-1)
     out = _silent(evaluate_predictions, z, y, z, y)
     assert out["ece"] == pytest.approx(_stats(z, y, inputs="logits").ece())
+
+
+def test_unsigned_labels_with_a_negative_ignore_index_are_refused():
+    # uint8 would turn ignore_index=-100 into class 156 and drop those rows silently.
+    logits = torch.randn(4, 200)
+    labels = torch.tensor([1, 156, 3, 199], dtype=torch.uint8)
+    with pytest.raises(TypeError, match=r"labels: an unsigned dtype \(torch.uint8\) cannot hold ignore_index=-100"):
+        kdbench.calibration_stats(logits, labels)
+    with pytest.raises(TypeError, match=r"labels: an unsigned dtype"):
+        kdbench.kd_loss(logits, torch.randn(4, 200), labels, alpha=0.5)
+    stats = kdbench.calibration_stats(logits, labels.long())
+    assert float(stats.count.sum()) == 4

@@ -214,6 +214,8 @@ def test_lm_quick_shortened_runs_under_torchrun(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0, out.stderr[-3000:]
+    # Each rank's Trainer trains alone, on purpose: no DDP warning from TrainingArguments.
+    assert "parallel_mode != ParallelMode.DISTRIBUTED" not in out.stderr
     runs = sorted((tmp_path / "res" / suite.name / "runs").glob("*.json"))
     assert len(runs) == len(suite.runs)
     backends = {json.loads(p.read_text())["record"]["loss_backend"] for p in runs}
@@ -232,3 +234,4 @@ def test_lm_step_bench_runs_on_cpu(tmp_path):
     assert [r.split("|")[2].strip() for r in rows] == ["eager", "kdbench"]
     assert rows[1].rstrip(" |").endswith("yes")  # kdbench's loss equals eager's
     assert lm_step.main(["--device", "cpu", "--vocab", "1"]) == 2
+

@@ -91,15 +91,20 @@ _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK
 
 @contextmanager
 def _single_process() -> Iterator[None]:
-    saved = {k: os.environ.pop(k) for k in _DIST_ENV if k in os.environ}
-    try:
-        from accelerate.state import AcceleratorState, PartialState
+    from accelerate.state import AcceleratorState, PartialState
+    from transformers.utils import logging as hf_logging
 
+    saved = {k: os.environ.pop(k) for k in _DIST_ENV if k in os.environ}
+    # TrainingArguments warns that a process group exists but DDP is off: here that is the intent.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
         AcceleratorState._reset_state(reset_partial_state=True)
         yield
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         PartialState._reset_state()
+        hf_logging.set_verbosity(verbosity)
         os.environ.update(saved)
 
 
