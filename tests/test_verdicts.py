@@ -131,7 +131,7 @@ def test_narrative_block_is_rewritten_between_its_markers(tmp_path):
     assert not update_narrative(readme, "other", verdicts)  # no markers: untouched
 
 
-@pytest.mark.parametrize("suite_name", ["paper"])
+@pytest.mark.parametrize("suite_name", ["quick", "paper", "lm-paper"])
 def test_results_readme_narrative_matches_the_committed_records(suite_name):
     # The prose in results/README.md cannot contradict the tables: its claims block is generated from them.
     text = (ROOT / "results" / "README.md").read_text()
@@ -143,7 +143,7 @@ def test_results_readme_narrative_matches_the_committed_records(suite_name):
     assert block == narrative_markdown(suite_name, verdicts)
 
 
-@pytest.mark.parametrize("suite_name", ["quick", "paper"])
+@pytest.mark.parametrize("suite_name", ["quick", "paper", "lm-paper"])
 def test_committed_claims_and_tables_are_those_of_the_committed_records(suite_name, tmp_path):
     suite = load_suite(resolve_suite(suite_name))
     src = ROOT / "results" / suite_name
