@@ -46,10 +46,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import kdbench
+from kdbench import metrics
 from kdbench.experiments import hmm as _hmm
 from kdbench.experiments.config import Recipe
 from kdbench.experiments.evaluate import N_BINS
@@ -241,10 +241,9 @@ def evaluate_lm(logits_fn: Logits, data: LMDataset, *, teacher_fn: Logits | None
                 acc[k] = acc.get(k, 0.0) + float(v)
         if teacher_fn is not None:
             t, _ = _scored(teacher_fn(tokens), tokens)
-            agree += float((t.argmax(-1) == z.argmax(-1)).sum())
-            log_t = F.log_softmax(t.double(), -1)
-            kl = (log_t.exp() * (log_t - F.log_softmax(z.double(), -1))).nan_to_num(nan=0.0).sum(-1)
-            pkl += float(kl.sum())
+            # The classifiers' per-row means, weighted back into sums so that chunks add.
+            agree += metrics.agreement(t, z) * len(z)
+            pkl += metrics.predictive_kl(t, z) * len(z)
     assert stats is not None and stats_ts is not None
     n = sums["count"]
     out: dict[str, Any] = {

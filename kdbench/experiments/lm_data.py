@@ -23,7 +23,6 @@ float64 values (64 sequences at V = 4096: 134 MB); the tokens themselves are sma
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, replace
 
@@ -68,7 +67,9 @@ def lm_dataset_info(name: str, *, field: str = "dataset") -> DatasetInfo | None:
 
 
 def _seed(data_seed: int, tag: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"kdbench:lm:{tag}:{data_seed}".encode()).digest()[:8], "little") >> 1
+    from kdbench.experiments.train import derive_seed
+
+    return derive_seed(data_seed, f"lm:{tag}")
 
 
 @dataclass(frozen=True)
