@@ -15,8 +15,9 @@ here.  From it these tests read:
   kd_loss 40 per (student, teacher) bf16 element pair for forward KL and 60 for
   reverse KL and JSD (all passes, the gradient write included).  A float32 element
   moves twice the bytes and gets twice the budget.  The kd kernel as one launch meets
-  them; chunked rows run by default as separate launches (faster on an H200 today,
-  see ``kdbench/kernels/kd_loss.py``), which recompute the statistics and get a looser ceiling.
+  them; chunked rows run by default as separate launches (faster on an H200 so far,
+  see ``kdbench/kernels/kd_loss.py``), which load and exponentiate every tile again in
+  each launch and are held to ceilings just above their present counts instead.
 
 How the static count relates to what the GPU executes: the body of the persistent
 loop runs once per work item and has no data-dependent branches except the barrier's
@@ -223,7 +224,7 @@ def _compile_everything() -> dict[str, object]:
 
     def kd_consts(div, labels, hard, grad, plan, phase=0):
         return dict(DIVERGENCE=div, HAS_LABELS=labels, HAS_SOFT=True, HAS_HARD=hard, T_IS_ONE=False,
-                    COMPUTE_GRAD=grad, GO_MODE=0, PHASE=phase, ROUND_BY_HAND=False, FAST_LOG=True, ROWS=plan.ROWS,
+                    COMPUTE_GRAD=grad, GO_MODE=0, PHASE=phase, ROUND_BY_HAND=False, ON_GPU=True, ROWS=plan.ROWS,
                     BLOCK=plan.BLOCK, CHUNKS_PAD=plan.CHUNKS_PAD)
 
     def kd_plan(n, v, dtype):
@@ -281,7 +282,7 @@ def headline_counts() -> dict[str, float]:
     plan = tile_plan(8192, 128256, tile)
     for div, name in enumerate(("kd-forward", "kd-reverse", "kd-jsd")):
         consts = dict(DIVERGENCE=div, HAS_LABELS=False, HAS_SOFT=True, HAS_HARD=False, T_IS_ONE=False,
-                      COMPUTE_GRAD=True, GO_MODE=0, PHASE=kd.ALL, ROUND_BY_HAND=False, FAST_LOG=True,
+                      COMPUTE_GRAD=True, GO_MODE=0, PHASE=kd.ALL, ROUND_BY_HAND=False, ON_GPU=True,
                       ROWS=plan.ROWS, BLOCK=plan.BLOCK, CHUNKS_PAD=plan.CHUNKS_PAD)
         compiled = compile_for_hopper(kd._kd_kernel, _kd_signature("bfloat16"), consts, warps,
                                       ("s_ptr", "s_stride", "t_ptr", "t_stride", "part_ptr", "g_ptr", "g_stride", "V"))
@@ -336,15 +337,17 @@ def test_kd_single_read_kernel_within_instruction_budget(compiled, n, v, dtype, 
 @pytest.mark.parametrize("divergence", [0, 1, 2], ids=["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("n,v,dtype", [s for s in KD_SHAPES if s[1] > 2048], ids=str)
 def test_kd_phase_launches_stay_within_their_ceiling(compiled, n, v, dtype, divergence):
-    """Chunked rows by separate launches (the default, measured faster on an H200 today)
-    recompute the statistics in each launch, so they spend more than the single-read
-    budget: about 53 per pair for forward and reverse KL, 95 for JSD.  This guards that
-    figure against regressions: 60 and 100 (x2 for float32)."""
+    """Chunked rows by separate launches (the default, measured faster on an H200) load
+    and exponentiate every tile in each launch, so they spend more than the single-read
+    budget: at (8192, 128256) bf16 with Triton 3.9, forward KL 23 + 20 = 43 per pair,
+    reverse KL 45, JSD 85 (before the later launches took the row's maxima instead of
+    recomputing the tile's statistics: 53, 50 and 95).  Forward KL is over its budget of
+    40 by 3; this guards the figures against regressions: 46, 48 and 88 (x2 for float32)."""
     phases = (1, 2, 3) if divergence == 2 else (1, 2)
     for phase in phases:
         assert compiled[f"kd-shape-{n}-{v}-{dtype}-{divergence}-phase{phase}"] == ""
     total = sum(compiled[f"count:kd-shape-{n}-{v}-{dtype}-{divergence}-phase{p}"] for p in phases)
-    ceiling = (100.0 if divergence == 2 else 60.0) * BYTES[dtype] / 2
+    ceiling = (46.0, 48.0, 88.0)[divergence] * BYTES[dtype] / 2
     assert total <= ceiling, f"{total:.1f} instructions per element pair over {len(phases)} launches, ceiling {ceiling:.0f}"
 
 

@@ -47,14 +47,14 @@ def plog(d):
 
 
 @triton.jit
-def jsd_log_ratios(ls, lt, p_s, p_t, beta, ub_s, ub_t, FAST_LOG: tl.constexpr):
+def jsd_log_ratios(ls, lt, p_s, p_t, beta, ub_s, ub_t, ON_GPU: tl.constexpr):
     """(log p_s - log M, log p_t - log M) for M = beta p_t + (1 - beta) p_s.
 
     log M is taken from M itself (one log).  Where M underflows to 0 the ratios are
     capped by their exact bounds, log p_s - log M <= -log(1 - beta) = ub_s and
     log p_t - log M <= -log(beta) = ub_t, which only those underflowing entries reach.
     """
-    log_m = fast_log(beta * p_t + (1.0 - beta) * p_s, FAST_LOG)
+    log_m = fast_log(beta * p_t + (1.0 - beta) * p_s, ON_GPU)
     d_s = tl.minimum(plog(ls - log_m), ub_s)
     d_t = tl.minimum(plog(lt - log_m), ub_t)
     return d_s, d_t

@@ -28,6 +28,20 @@ def tile_exp(z, m, scale):
 
 
 @triton.jit
+def tile_exp_fma(z, m, scale):
+    """(e, c): e = 2**(z k - sh) with k = scale * log2(e) and sh = m k rounded, one fma and one
+    exp per element (z k is exact inside the fma), and the row factor c = 2**-(m k - sh) (the
+    rounding of sh, an exact fma) so that e * c = exp((z - m) * scale) to the rounding of
+    small numbers.  For rows whose max m is already known (the later launches of a
+    chunked row): one instruction per element less than :func:`tile_exp`.
+    """
+    k = scale * LOG2E
+    mf = finite_shift(m)
+    sh = mf * k
+    return tl.exp2(tl.fma(z, k, -sh[:, None])), tl.exp2(-tl.fma(mf, k, -sh))
+
+
+@triton.jit
 def rescale(m, m_row, scale):
     """exp((m - m_row) * scale): the factor that moves exps taken against m to m_row (0 for m = -inf)."""
     return tl.exp2((m - m_row) * (scale * LOG2E))

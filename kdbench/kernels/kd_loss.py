@@ -28,7 +28,12 @@ counter): the logits are read once.  Otherwise (the default; and always under th
 CPU interpreter, which runs programs one after another) each exchange ends a launch:
 forward and reverse KL run two launches (statistics; loss and gradient), JSD three.
 On an H200 the barrier's wait, with nothing else for the SM to do, cost more than the
-second read (results/bench/h200-kd-modes.md), hence the default.
+second read (results/bench/h200-kd-modes.md), hence the default.  A later launch knows
+each row's merged maxima before it loads a tile, so it takes the tile's exps against
+them directly: no tile maxima, no sums of exp, and forward KL's loss from the terms the
+statistics launch already summed; forward KL forms each exponent in one fma
+(``tile_exp_fma``).  The per-item work (one item's statistics, loss and gradient) is
+``kd_item`` in ``_kd_item.py``.
 
 The grid is persistent: P programs (every SM's worth of resident CTAs, from the
 compiled kernel's registers and shared memory) walk the items in the order
@@ -44,6 +49,11 @@ of each input and one write of the gradient: 6.30 GB at (8192, 128256) bf16)
 * chunked rows, separate launches: forward and reverse KL 5 b N V (the statistics
   launch reads both inputs, the second reads them again and writes the gradient);
   JSD 7 b N V; with the barrier: 3 b N V for all three;
+* the second read of separate launches comes from HBM, not L2: between a row's two
+  reads the whole (N, V) pair streams through (4.2 GB against 50 MB of L2).  Keeping
+  it in L2 needs the two passes of a row close together in time, i.e. inside one
+  persistent launch (a pass over item i - D after the statistics of item i, waiting on
+  the row's counter D items late): not built;
 * workspace: N R (8 floats of statistics) + N counters, read back R times per row:
   about 32 R^2 N bytes, 0.27 GB at that shape (R = 32), mostly L2 hits;
 * ``grad_output != 1`` (float32/bfloat16): one more read and write of the gradient in
@@ -51,9 +61,11 @@ of each input and one write of the gradient: 6.30 GB at (8192, 128256) bf16)
   touches nothing.  float16: see below.
 
 Instruction budget per (student, teacher) element pair, from SASS (see
-``tests/test_kernels_compile.py``): as one launch, forward and reverse KL about 33, JSD
-about 53, against about 50 that an H200 can issue per pair at copy bandwidth; as
-separate launches, which recompute the exps, about 53 and 95 over all of them.
+``tests/test_kernels_compile.py``), at (8192, 128256) bf16 with Triton 3.9 for sm_90: as
+one launch, forward KL 33, reverse KL 34, JSD 53, against about 50 that an H200 can
+issue per pair at copy bandwidth; as separate launches, which load and exponentiate
+every tile twice (three times for JSD), forward KL 23 + 20 = 43, reverse KL 24 + 22 = 45,
+JSD 20 + 35 + 30 = 85.
 
 float16 gradients
 -----------------
@@ -96,17 +108,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kdbench.kernels._kd_math import gather_chunks, jsd_log_ratios, plog, prob_factor, scale_grad_kernel, splat
-from kdbench.kernels._tile_math import finite_shift, load_item, merge_chunks, step_item, tile_exp
-from kdbench.kernels._utils import (
-    arrive_and_wait,
-    as_rows,
-    bf16_round_by_hand,
-    cast_for_store,
-    pick_config,
-    resident_programs,
-    tile_plan,
-)
+from kdbench.kernels._kd_item import ALL, GRAD, LOSS, STATS, kd_item
+from kdbench.kernels._kd_math import scale_grad_kernel
+from kdbench.kernels._tile_math import load_item, step_item
+from kdbench.kernels._utils import as_rows, bf16_round_by_hand, pick_config, resident_programs, tile_plan
 from kdbench._checks import interpreter_on
 from kdbench.reference._common import reduce_rows
 
@@ -136,8 +141,6 @@ SYNC_IN_KERNEL = False
 _SLOTS = 8
 # Resident programs of each compiled variant on each device (host-side, no sync).
 _RESIDENT: dict[tuple, int] = {}
-# Phases (launches) of a chunked row when they do not meet in the kernel.
-ALL, STATS, LOSS, GRAD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 
 
 @triton.jit
@@ -171,14 +174,11 @@ def _kd_kernel(
     GO_MODE: tl.constexpr,  # 0: none, 1: one grad_output, 2: one per row
     PHASE: tl.constexpr,  # ALL, or STATS / LOSS / GRAD as separate launches (chunked rows)
     ROUND_BY_HAND: tl.constexpr,  # interpreter only: see bf16_round_by_hand
-    FAST_LOG: tl.constexpr,  # MUFU log (a GPU); the interpreter takes tl.log
+    ON_GPU: tl.constexpr,  # inline PTX (MUFU log, mul.rn); the interpreter has none
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNKS_PAD: tl.constexpr,
 ):  # fmt: skip
-    CHUNKED: tl.constexpr = CHUNKS_PAD > 1
-    NEED_K: tl.constexpr = HAS_SOFT and DIVERGENCE == 2 and COMPUTE_GRAD  # JSD meets twice
-    SEP_E1: tl.constexpr = HAS_HARD and not T_IS_ONE
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     gscale = tl.load(scale_ptr)
@@ -199,171 +199,9 @@ def _kd_kernel(
         # The next item's loads go out now and land while this one is worked on.
         z_next, zt_next, y_next = load_item(rb_next, c_next, s_ptr, s_stride, t_ptr, t_stride, y_ptr, N, V,
                                              ignore_index, HAS_LABELS, HAS_SOFT, ROWS, BLOCK)
-        rows = rb.to(tl.int64) * ROWS + tl.arange(0, ROWS)
-        cols = c * BLOCK + tl.arange(0, BLOCK)
-        live = rows < N
-        counted = live
-        if HAS_LABELS:
-            counted = live & (y != ignore_index)
-        label_ok = (y >= 0) & (y < V)
-        tl.device_assert(label_ok | (counted == 0), "label out of range [0, V)")
-        ws_row = ws_ptr + (rows * R) * 8
-        # A chunked row (ROWS == 1) that counts takes part in the barriers.
-        row0 = rb.to(tl.int64) * ROWS
-        meets = tl.sum(counted.to(tl.int32), axis=0) > 0
-
-        # ---- 1. local statistics -------------------------------------------------
-        z = z_raw.to(tl.float32)
-        zt = z
-        if HAS_SOFT:
-            zt = zt_raw.to(tl.float32)
-        m_s = tl.max(z, axis=1)
-        m_t = m_s
-        if HAS_SOFT:
-            m_t = tl.max(zt, axis=1)
-        e_s = tile_exp(z, m_s, inv_t)
-        e_t = e_s
-        e_1 = e_s
-        if HAS_SOFT:
-            e_t = tile_exp(zt, m_t, inv_t)
-        if SEP_E1:
-            e_1 = tile_exp(z, m_s, 1.0)
-        # Forward and reverse KL sum their loss terms against the local exps now, so only the
-        # row's (max, sum) have to travel: sum p (log p - log q) = r * (sum e (z - z') / T + c0 * sum e).
-        q = z
-        if HAS_SOFT and DIVERGENCE == 0:
-            q = plog(zt - z)
-            s_s, s_t, a, s_1 = tl.sum(e_s, 1), tl.sum(e_t, 1), tl.sum(e_t * q, 1), tl.sum(e_1, 1)
-        elif HAS_SOFT and DIVERGENCE == 1:
-            q = plog(z - zt)
-            s_s, s_t, a, s_1 = tl.sum(e_s, 1), tl.sum(e_t, 1), tl.sum(e_s * q, 1), tl.sum(e_1, 1)
-        else:
-            s_s, s_t, s_1 = tl.sum(e_s, 1), tl.sum(e_t, 1), tl.sum(e_1, 1)
-            a = s_s
-
-        # ---- 2. row statistics ---------------------------------------------------
-        M_s = m_s
-        S_s = s_s
-        M_t = m_t
-        S_t = s_t
-        S_1 = s_1
-        k_row = tl.zeros([ROWS], tl.float32)
-        if CHUNKED:
-            if PHASE == ALL or PHASE == STATS:
-                slots = tl.arange(0, 8)
-                vals = tl.where(slots == 0, tl.sum(m_s, axis=0), tl.sum(s_s, axis=0))
-                vals = tl.where(slots == 2, tl.sum(m_t, axis=0), vals)
-                vals = tl.where(slots == 3, tl.sum(s_t, axis=0), vals)
-                vals = tl.where(slots == 4, tl.sum(s_1, axis=0), vals)
-                vals = tl.where(slots == 5, tl.sum(a, axis=0), vals)
-                if meets:
-                    tl.store(ws_ptr + (row0 * R + c) * 8 + slots, vals, mask=slots < 6)
-                    if PHASE == ALL:
-                        arrive_and_wait(cnt_ptr + row0, R)
-            if PHASE != STATS:
-                m_all = gather_chunks(ws_row, 0, R, counted, CHUNKS_PAD, float("-inf"))
-                s_all = gather_chunks(ws_row, 1, R, counted, CHUNKS_PAD, 0.0)
-                M_s, S_s = merge_chunks(m_all, s_all, inv_t)
-                if HAS_SOFT:
-                    M_t, S_t = merge_chunks(gather_chunks(ws_row, 2, R, counted, CHUNKS_PAD, float("-inf")),
-                                            gather_chunks(ws_row, 3, R, counted, CHUNKS_PAD, 0.0), inv_t)
-                if SEP_E1:
-                    _, S_1 = merge_chunks(m_all, gather_chunks(ws_row, 4, R, counted, CHUNKS_PAD, 0.0), 1.0)
-                # The merged values live in the layout of the (1, CHUNKS_PAD) gathers; as
-                # scalars splatted back they take the tile's, with no layout conversion of a tile
-                # (Triton 3.6 would otherwise move a whole tile through shared memory).
-                M_s = splat(M_s, ROWS)
-                S_s = splat(S_s, ROWS)
-                M_t = splat(M_t, ROWS)
-                S_t = splat(S_t, ROWS)
-                S_1 = splat(S_1, ROWS)
-        if not SEP_E1:
-            S_1 = S_s
-        if PHASE != STATS:
-            # No finite logit, or a NaN / +inf one, leaves no positive sum: the row is undefined.
-            undefined = ~(S_s > 0)
-            if HAS_SOFT:
-                undefined = undefined | ~(S_t > 0)
-            # p_s = e_s * r_s, p_t = e_t * r_t, softmax(z) = e_1 * r_1; 0 for rows that do not count.
-            r_s = tl.where(counted, prob_factor(m_s, M_s, S_s, inv_t), 0.0)
-            r_t = tl.where(counted, prob_factor(m_t, M_t, S_t, inv_t), 0.0)
-            r_1 = r_s
-            if SEP_E1:
-                r_1 = tl.where(counted, prob_factor(m_s, M_s, S_1, 1.0), 0.0)
-
-            # ---- 3. loss and the row scalar K ------------------------------------
-            loss = tl.zeros([ROWS], tl.float32)
-            if HAS_SOFT:
-                # log p_t - log p_s = (z_t - z_s) / T + c0: differences of logits, no large logsumexps.
-                # (0 for rows that do not count, whose maxima are -inf: their terms are all 0.)
-                c0 = tl.where(counted, (M_s - M_t) * inv_t + tl.log(S_s / S_t), 0.0)
-                if DIVERGENCE == 0:
-                    loss = r_t * (a * inv_t + c0 * s_t)
-                elif DIVERGENCE == 1:
-                    loss = r_s * (a * inv_t - c0 * s_s)
-                    k_row = loss
-                    if CHUNKED:
-                        # K = KL(p_s || p_t): every chunk's part, from its (max, sum, sum e (z_s - z_t)).
-                        r_all = prob_factor(m_all, M_s[:, None], S_s[:, None], inv_t)
-                        b_all = gather_chunks(ws_row, 5, R, counted, CHUNKS_PAD, 0.0)
-                        k_all = tl.where(s_all > 0, r_all * (b_all * inv_t - c0[:, None] * s_all), 0.0)
-                        k_row = splat(tl.sum(k_all, axis=1), ROWS)
-                else:
-                    p_s = e_s * r_s[:, None]
-                    p_t = e_t * r_t[:, None]
-                    ln_s = tl.log(S_s)
-                    ln_t = tl.log(S_t)
-                    ls = (z - finite_shift(M_s)[:, None]) * inv_t - ln_s[:, None]
-                    lt = (zt - finite_shift(M_t)[:, None]) * inv_t - ln_t[:, None]
-                    q, d_t = jsd_log_ratios(ls, lt, p_s, p_t, beta, ub_s, ub_t, FAST_LOG)
-                    k_part, l_t = tl.sum(p_s * q, 1), tl.sum(p_t * d_t, 1)
-                    loss = beta * l_t + (1.0 - beta) * k_part
-                    k_row = k_part
-                    if NEED_K and CHUNKED:
-                        if PHASE == ALL or PHASE == LOSS:
-                            if meets:
-                                tl.store(ws_row + c * 8 + 6, k_part, mask=counted)
-                                if PHASE == ALL:
-                                    arrive_and_wait(cnt_ptr + row0, 2 * R)
-                        if PHASE != LOSS:
-                            k_row = splat(tl.sum(gather_chunks(ws_row, 6, R, counted, CHUNKS_PAD, 0.0), axis=1), ROWS)
-                loss = soft_w * loss
-            if HAS_HARD:
-                if c == 0:
-                    # -log softmax(z)[y] = (M - z_y) + log S_1: no cancellation for large logits.
-                    safe_y = tl.where(label_ok & counted, y, 0)
-                    z_y = tl.load(s_ptr + rows * s_stride + safe_y, mask=counted, other=0.0).to(tl.float32)
-                    hard = (M_s - z_y) + tl.log(S_1)
-                    loss += hard_w * tl.where(label_ok, hard, float("nan"))
-            if PHASE == ALL or PHASE == LOSS:
-                loss = tl.where(undefined, float("nan"), loss)
-                tl.store(part_ptr + rows * R + c, tl.where(counted, loss, 0.0), mask=live)
-
-            # ---- 4. gradient -----------------------------------------------------
-            if COMPUTE_GRAD and (PHASE == ALL or PHASE == GRAD or (PHASE == LOSS and not NEED_K)):
-                w = gscale
-                if GO_MODE == 1:
-                    w = w * tl.load(go_ptr)
-                if GO_MODE == 2:
-                    w = w * tl.load(go_ptr + rows, mask=live, other=0.0)
-                w = tl.where(counted, w + tl.zeros([ROWS], tl.float32), 0.0)
-                g = tl.zeros([ROWS, BLOCK], tl.float32)
-                if HAS_SOFT:
-                    coef = (soft_w * inv_t) * w * r_s
-                    if DIVERGENCE == 0:
-                        g = coef[:, None] * e_s - ((soft_w * inv_t) * w * r_t)[:, None] * e_t
-                    elif DIVERGENCE == 1:
-                        # p_s (log p_s - log p_t - K), with log p_s - log p_t = q / T - c0.
-                        g = (coef * inv_t)[:, None] * e_s * (q - ((c0 + k_row) * (1.0 / inv_t))[:, None])
-                    else:
-                        g = (coef * (1.0 - beta))[:, None] * e_s * (q - k_row[:, None])
-                if HAS_HARD:
-                    g += (hard_w * w * r_1)[:, None] * e_1
-                    g = tl.where(cols[None, :] == y[:, None], g - (hard_w * w)[:, None], g)
-                # Undefined rows are NaN through r_s (or r_1), rows that do not count 0 through w.
-                tl.store(g_ptr + rows[:, None] * g_stride + cols[None, :],
-                         cast_for_store(g, g_ptr.dtype.element_ty, ROUND_BY_HAND),
-                         mask=live[:, None] & (cols[None, :] < V), eviction_policy="evict_first")
+        kd_item(z_raw, zt_raw, y, rb, c, s_ptr, s_stride, part_ptr, g_ptr, g_stride, go_ptr, ws_ptr, cnt_ptr, N, V, R,
+                gscale, inv_t, soft_w, hard_w, beta, ub_s, ub_t, ignore_index, DIVERGENCE, HAS_LABELS, HAS_SOFT,
+                HAS_HARD, T_IS_ONE, COMPUTE_GRAD, GO_MODE, PHASE, ROUND_BY_HAND, ON_GPU, ROWS, BLOCK, CHUNKS_PAD)
 
 
 def _launch(
@@ -407,7 +245,7 @@ def _launch(
         COMPUTE_GRAD=grad is not None,
         GO_MODE=0 if go is None else (2 if go_per_row else 1),
         ROUND_BY_HAND=bf16_round_by_hand(s2.dtype),
-        FAST_LOG=not interpreter_on(),
+        ON_GPU=not interpreter_on() and device.type == "cuda",
         ROWS=plan.ROWS,
         BLOCK=plan.BLOCK,
         CHUNKS_PAD=plan.CHUNKS_PAD,
