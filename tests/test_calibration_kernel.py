@@ -260,3 +260,21 @@ def test_kernel_matches_torch_property(n, c, n_bins, scale, seed):
     _assert_rows_close(a, b)
     tri, ref = _both(z, y, n_bins=n_bins)
     _assert_stats_close(tri, ref, a.conf[a.counted], b.conf[b.counted], n_bins)
+
+
+@pytest.mark.parametrize("c", [10, 5000, 70002])
+def test_bfloat16_pair_loads_match_element_loads(c):
+    """bfloat16 rows of even length load as 32-bit words of two values; rows that start at an odd
+    element one value at a time.  Same logits: same predictions and bins, sums to rounding."""
+    from kdbench.kernels._utils import loads_pairs
+
+    z, y = make_logits(40, c + 1, seed=12)
+    y = y.clamp_max(c - 1)
+    odd = z.bfloat16().to(DEVICE)[:, 1:]
+    even = odd.contiguous()
+    assert loads_pairs(even) and not loads_pairs(odd)
+    a, ra = calibration_sums_triton(even, y.to(DEVICE), n_bins=15, temperature=1.0, ignore_index=-100)
+    b, rb = calibration_sums_triton(odd, y.to(DEVICE), n_bins=15, temperature=1.0, ignore_index=-100)
+    assert torch.equal(a.pred, b.pred) and torch.equal(a.counted, b.counted)
+    _assert_rows_close(a, b)
+    assert torch.equal(ra["count"], rb["count"]) and torch.equal(ra["correct_sum"], rb["correct_sum"])

@@ -141,3 +141,50 @@ def test_chunked_reference_with_a_float64_teacher_computes_in_float64(divergence
     assert loss.dtype == torch.float64
     torch.testing.assert_close(loss.detach(), loss64, rtol=1e-13, atol=1e-15)
     assert_grad_close(s.grad, grad64, torch.float32)
+
+
+# ---- bfloat16 loaded as pairs ---------------------------------------------------------------
+
+
+def _odd_and_even_views(v: int, device: str):
+    """The same (4, v) bfloat16 logits twice: contiguous, and as a view into (4, v + 1) rows
+    starting at column 1 (odd row stride and start: no pair loads)."""
+    g = torch.Generator().manual_seed(3)
+    base = [(torch.randn(4, v + 1, generator=g) * 3).bfloat16().to(device) for _ in range(2)]
+    odd = tuple(b[:, 1:] for b in base)
+    return tuple(b.contiguous() for b in odd), odd
+
+
+def test_pair_loads_need_bfloat16_of_even_length_stride_and_start():
+    from kdbench.kernels._utils import loads_pairs
+
+    x = torch.zeros(4, 10, dtype=torch.bfloat16)
+    assert loads_pairs(x) and loads_pairs(x, x[:2])
+    assert not loads_pairs(x.half()) and not loads_pairs(x.float())
+    assert not loads_pairs(torch.zeros(4, 9, dtype=torch.bfloat16))  # odd length
+    assert not loads_pairs(torch.zeros(4, 11, dtype=torch.bfloat16)[:, :10])  # odd row stride
+    assert not loads_pairs(torch.zeros(4, 12, dtype=torch.bfloat16)[:, 1:11])  # odd start
+    assert not loads_pairs(x, x.half())
+
+
+@pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
+@pytest.mark.parametrize("v", [64, 5000, 70002])
+def test_bfloat16_pair_loads_give_the_bits_of_element_loads(v, divergence):
+    """Rows of even length load as 32-bit words of two values (kernels/_tile_math.widen), rows
+    that start at an odd element one value at a time: the same logits give the same bits."""
+    from kdbench.kernels._utils import loads_pairs
+
+    device = device_for("triton")
+    (s, t), (s_odd, t_odd) = _odd_and_even_views(v, device)
+    assert loads_pairs(s, t) and not loads_pairs(s_odd, t_odd)
+    y = torch.tensor([0, 1, v - 1, v - 2], device=device)
+    out = []
+    for a, b in ((s, t), (s_odd, t_odd)):
+        a = a.detach().requires_grad_(True)
+        loss = kdbench.kd_loss(a, b, y, temperature=2.0, alpha=0.3, divergence=divergence, backend="triton")
+        loss.backward()
+        out.append((loss.detach(), a.grad))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+    loss64, grad64 = oracle(s.cpu(), t.cpu(), y.cpu(), temperature=2.0, alpha=0.3, divergence=divergence)
+    assert_loss_close(out[0][0].cpu(), loss64)
+    assert_grad_close(out[0][1].cpu(), grad64, torch.bfloat16)

@@ -15,9 +15,9 @@ here.  From it these tests read:
   kd_loss 40 per (student, teacher) bf16 element pair for forward KL and 60 for
   reverse KL and JSD (all passes, the gradient write included).  A float32 element
   moves twice the bytes and gets twice the budget.  The kd kernel as one launch meets
-  them; chunked rows run by default as separate launches (faster on an H200 so far,
-  see ``kdbench/kernels/kd_loss.py``), which load and exponentiate every tile again in
-  each launch and are held to ceilings just above their present counts instead.
+  them; so do forward and reverse KL as separate launches, the default for chunked rows
+  (faster on an H200 so far, see ``kdbench/kernels/kd_loss.py``), over all launches.
+  JSD by launches reads every tile three times and is held to a ceiling instead.
 
 How the static count relates to what the GPU executes: the body of the persistent
 loop runs once per work item and has no data-dependent branches except the barrier's
@@ -222,9 +222,9 @@ def _compile_everything() -> dict[str, object]:
 
     kd_aligned = ("s_ptr", "s_stride", "t_ptr", "t_stride", "y_ptr", "part_ptr", "g_ptr", "g_stride", "V")
 
-    def kd_consts(div, labels, hard, grad, plan, phase=0):
+    def kd_consts(div, labels, hard, grad, plan, phase=0, pairs=True):
         return dict(DIVERGENCE=div, HAS_LABELS=labels, HAS_SOFT=True, HAS_HARD=hard, T_IS_ONE=False,
-                    COMPUTE_GRAD=grad, GO_MODE=0, PHASE=phase, ROUND_BY_HAND=False, ON_GPU=True, ROWS=plan.ROWS,
+                    COMPUTE_GRAD=grad, GO_MODE=0, PHASE=phase, ROUND_BY_HAND=False, ON_GPU=True, PAIRS=pairs, ROWS=plan.ROWS,
                     BLOCK=plan.BLOCK, CHUNKS_PAD=plan.CHUNKS_PAD)
 
     def kd_plan(n, v, dtype):
@@ -237,22 +237,23 @@ def _compile_everything() -> dict[str, object]:
                 kd_consts(div, labels, hard, grad, plan), warps, kd_aligned, plan.ROWS if hard else 0)
     for n, v, dtype in KD_SHAPES:
         plan, warps = kd_plan(n, v, dtype)
+        pairs = dtype == "bfloat16" and v % 2 == 0  # as kd_loss's launcher decides (loads_pairs)
         for div in (0, 1, 2):
             aligned = kd_aligned if v % 16 == 0 else ()
             attempt(f"kd-shape-{n}-{v}-{dtype}-{div}", kd._kd_kernel, _kd_signature(dtype),
-                    kd_consts(div, False, False, True, plan), warps, aligned, plan=plan)
+                    kd_consts(div, False, False, True, plan, pairs=pairs), warps, aligned, plan=plan)
             if plan.chunks > 1:
                 # The phases as separate launches (the default for chunked rows): all passes count.
                 for phase in (1, 2, 3) if div == 2 else (1, 2):  # STATS, LOSS, GRAD
                     attempt(f"kd-shape-{n}-{v}-{dtype}-{div}-phase{phase}", kd._kd_kernel, _kd_signature(dtype),
-                            kd_consts(div, False, False, True, plan, phase), warps, aligned, plan=plan)
+                            kd_consts(div, False, False, True, plan, phase, pairs), warps, aligned, plan=plan)
     plan, warps = kd_plan(8192, 128256, "bfloat16")
     for phase in (1, 2, 3):  # STATS, LOSS, GRAD
         attempt(f"kd-phase-{phase}", kd._kd_kernel, _kd_signature("bfloat16"), kd_consts(2, True, True, True, plan, phase),
                 warps, kd_aligned)
     for dtype in sorted(PTR):
         attempt(f"kd-fp16-grad-{dtype}", kd._kd_kernel, _kd_signature(dtype),
-                {**kd_consts(0, True, True, True, plan), "GO_MODE": 2}, warps, kd_aligned)
+                {**kd_consts(0, True, True, True, plan, pairs=dtype == "bfloat16"), "GO_MODE": 2}, warps, kd_aligned)
         for per_row in (False, True):
             attempt(f"scale-{dtype}-{per_row}", kd.scale_grad_kernel,
                     {"g_ptr": PTR[dtype], "g_stride": "i64", "go_ptr": "*fp32", "V": "i32"},
@@ -263,7 +264,8 @@ def _compile_everything() -> dict[str, object]:
         plan = tile_plan(n, c, c_tile)
         stats_sig, finish_sig = _cal_signatures(dtype)
         aligned = ("x_ptr", "y_ptr", "stat_ptr", "arg_ptr") + (("x_stride", "C") if c % 16 == 0 else ())
-        attempt(f"cal-stats-{n}-{c}-{dtype}", cal._chunk_stats_kernel, stats_sig, dict(ROWS=plan.ROWS, BLOCK=plan.BLOCK),
+        consts = dict(PAIRS=dtype == "bfloat16" and c % 2 == 0, ROWS=plan.ROWS, BLOCK=plan.BLOCK)
+        attempt(f"cal-stats-{n}-{c}-{dtype}", cal._chunk_stats_kernel, stats_sig, consts,
                 c_warps, aligned, 0 if c % 16 == 0 else None, plan=plan)
         fin = cal.finish_plan(n, plan.chunks, 15)
         attempt(f"cal-finish-{n}-{c}-{dtype}", cal._finish_kernel, finish_sig,
@@ -282,7 +284,7 @@ def headline_counts() -> dict[str, float]:
     plan = tile_plan(8192, 128256, tile)
     for div, name in enumerate(("kd-forward", "kd-reverse", "kd-jsd")):
         consts = dict(DIVERGENCE=div, HAS_LABELS=False, HAS_SOFT=True, HAS_HARD=False, T_IS_ONE=False,
-                      COMPUTE_GRAD=True, GO_MODE=0, PHASE=kd.ALL, ROUND_BY_HAND=False, ON_GPU=True,
+                      COMPUTE_GRAD=True, GO_MODE=0, PHASE=kd.ALL, ROUND_BY_HAND=False, ON_GPU=True, PAIRS=True,
                       ROWS=plan.ROWS, BLOCK=plan.BLOCK, CHUNKS_PAD=plan.CHUNKS_PAD)
         compiled = compile_for_hopper(kd._kd_kernel, _kd_signature("bfloat16"), consts, warps,
                                       ("s_ptr", "s_stride", "t_ptr", "t_stride", "part_ptr", "g_ptr", "g_stride", "V"))
@@ -290,7 +292,7 @@ def headline_counts() -> dict[str, float]:
     tile, warps, _ = pick_config(32000, 2, cal.TILE_CONFIG, cal.NARROW_CONFIG)
     plan = tile_plan(65536, 32000, tile)
     compiled = compile_for_hopper(cal._chunk_stats_kernel, _cal_signatures("bfloat16")[0],
-                                  dict(ROWS=plan.ROWS, BLOCK=plan.BLOCK), warps,
+                                  dict(PAIRS=True, ROWS=plan.ROWS, BLOCK=plan.BLOCK), warps,
                                   ("x_ptr", "y_ptr", "stat_ptr", "arg_ptr", "x_stride", "C"))
     out["calibration"] = _per_element(compiled, plan, warps)
     return out
@@ -336,18 +338,19 @@ def test_kd_single_read_kernel_within_instruction_budget(compiled, n, v, dtype, 
 
 @pytest.mark.parametrize("divergence", [0, 1, 2], ids=["forward", "reverse", "jsd"])
 @pytest.mark.parametrize("n,v,dtype", [s for s in KD_SHAPES if s[1] > 2048], ids=str)
-def test_kd_phase_launches_stay_within_their_ceiling(compiled, n, v, dtype, divergence):
-    """Chunked rows by separate launches (the default, measured faster on an H200) load
-    and exponentiate every tile in each launch, so they spend more than the single-read
-    budget: at (8192, 128256) bf16 with Triton 3.9, forward KL 23 + 20 = 43 per pair,
-    reverse KL 45, JSD 85 (before the later launches took the row's maxima instead of
-    recomputing the tile's statistics: 53, 50 and 95).  Forward KL is over its budget of
-    40 by 3; this guards the figures against regressions: 46, 48 and 88 (x2 for float32)."""
+def test_kd_phase_launches_within_instruction_budget(compiled, n, v, dtype, divergence):
+    """Chunked rows by separate launches (the default, measured faster on an H200) load and
+    exponentiate every tile in each launch; the later launches take the row's maxima from
+    the statistics launch instead of the tile's own.  At (8192, 128256) bf16 with Triton 3.9:
+    forward KL 22.1 + 17.8 = 39.9 per pair, reverse KL 42.1, JSD 79.7 (53, 50 and 95 when the
+    later launches recomputed the tile's statistics; Triton 3.6: 41.4, 43.5, 81.3).  Forward
+    and reverse KL are held to their budgets of 40 and 60; JSD, over its budget of 60 by a
+    third launch, to a ceiling of 84 against regressions (x2 for float32)."""
     phases = (1, 2, 3) if divergence == 2 else (1, 2)
     for phase in phases:
         assert compiled[f"kd-shape-{n}-{v}-{dtype}-{divergence}-phase{phase}"] == ""
     total = sum(compiled[f"count:kd-shape-{n}-{v}-{dtype}-{divergence}-phase{p}"] for p in phases)
-    ceiling = (46.0, 48.0, 88.0)[divergence] * BYTES[dtype] / 2
+    ceiling = (84.0 if divergence == 2 else BUDGET[f"kd-{divergence}"]) * BYTES[dtype] / 2
     assert total <= ceiling, f"{total:.1f} instructions per element pair over {len(phases)} launches, ceiling {ceiling:.0f}"
 
 

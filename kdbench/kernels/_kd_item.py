@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from kdbench.kernels._kd_math import gather_chunks, jsd_log_ratios, plog, prob_factor, splat
-from kdbench.kernels._tile_math import finite_shift, merge_chunks, tile_exp, tile_exp_fma
+from kdbench.kernels._tile_math import finite_shift, merge_chunks, tile_exp, tile_exp_fma, widen
 from kdbench.kernels._utils import arrive_and_wait, cast_for_store
 
 # Phases (launches) of a chunked row when they do not meet in the kernel.
@@ -24,7 +24,8 @@ def kd_item(
     N, V, R, gscale, inv_t, soft_w, hard_w, beta, ub_s, ub_t, ignore_index,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_SOFT: tl.constexpr, HAS_HARD: tl.constexpr,
     T_IS_ONE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, GO_MODE: tl.constexpr, PHASE: tl.constexpr,
-    ROUND_BY_HAND: tl.constexpr, ON_GPU: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    ROUND_BY_HAND: tl.constexpr, ON_GPU: tl.constexpr, PAIRS: tl.constexpr, ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
     CHUNKS_PAD: tl.constexpr,
 ):  # fmt: skip
     """Statistics, loss part and gradient of item (rb, c); see ``kd_loss._kd_kernel`` for the arguments."""
@@ -47,10 +48,10 @@ def kd_item(
     meets = tl.sum(counted.to(tl.int32), axis=0) > 0
 
     # ---- 1. statistics -------------------------------------------------------
-    z = z_raw.to(tl.float32)
+    z = widen(z_raw, PAIRS, ROWS, BLOCK)
     zt = z
     if HAS_SOFT:
-        zt = zt_raw.to(tl.float32)
+        zt = widen(zt_raw, PAIRS, ROWS, BLOCK)
     if LOCAL:
         # This tile's raw maxima and e = exp((z - max) / T): one exp per element and tensor,
         # kept in registers.

@@ -84,13 +84,53 @@ def step_item(rb, c, step_rb, step_c, R):
 
 
 @triton.jit
+def _load_tile(ptr, stride, rows, c, counted, V, PAIRS: tl.constexpr, BLOCK: tl.constexpr):
+    """(ROWS, BLOCK) raw values of chunk c, or with PAIRS (ROWS, BLOCK / 2) uint32 words that each
+    hold two adjacent bfloat16 values (see :func:`widen`); -inf where nothing is read."""
+    if PAIRS:
+        wcols = c * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+        words = ptr.to(tl.pointer_type(tl.uint32), bitcast=True) + rows[:, None] * (stride // 2) + wcols[None, :]
+        return tl.load(words, mask=counted[:, None] & (wcols[None, :] < V // 2), other=0xFF80FF80,
+                       eviction_policy="evict_first")
+    else:
+        cols = c * BLOCK + tl.arange(0, BLOCK)
+        return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=counted[:, None] & (cols[None, :] < V),
+                       other=float("-inf"), eviction_policy="evict_first")
+
+
+@triton.jit
+def split_pairs(words):
+    """float32 (low, high) values of uint32 words of two bfloat16 values each: columns 2w and 2w + 1
+    of word w, one instruction per value (see :func:`widen`)."""
+    return (words << 16).to(tl.float32, bitcast=True), (words & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def widen(raw, PAIRS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """float32 (ROWS, BLOCK) values of a tile from :func:`_load_tile`.
+
+    Triton widens a bfloat16 by moving it out of its packed 32-bit register and then
+    shifting it, two instructions per element.  From a word holding a pair, the low
+    value is the word shifted left by 16 and the high one the word with its low half
+    cleared: one instruction each, joined back into column order.
+    """
+    if PAIRS:
+        lo, hi = split_pairs(raw)
+        return tl.reshape(tl.join(lo, hi), [ROWS, BLOCK])
+    else:
+        return raw.to(tl.float32)
+
+
+@triton.jit
 def load_item(
     rb, c, s_ptr, s_stride, t_ptr, t_stride, y_ptr, N, V, ignore_index,
-    HAS_LABELS: tl.constexpr, HAS_SOFT: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_LABELS: tl.constexpr, HAS_SOFT: tl.constexpr, PAIRS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    """Raw logits (ROWS, BLOCK) of chunk ``c`` of row block ``rb`` from one tensor (two when
-    HAS_SOFT: the student's and the teacher's, else the first twice), and the rows' labels.
+    """Raw logits of chunk ``c`` of row block ``rb`` from one tensor (two when HAS_SOFT: the
+    student's and the teacher's, else the first twice), and the rows' labels.
 
+    Raw: (ROWS, BLOCK) values, or with PAIRS (bfloat16 rows of even length and stride)
+    (ROWS, BLOCK / 2) words of two values each; :func:`widen` makes float32 of either.
     Nothing is read for rows past the end or rows that do not count (-inf comes back).
     """
     rows = rb.to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -101,12 +141,8 @@ def load_item(
     else:
         y = tl.zeros([ROWS], tl.int64)
         counted = live
-    cols = c * BLOCK + tl.arange(0, BLOCK)
-    mask = counted[:, None] & (cols[None, :] < V)
-    z = tl.load(s_ptr + rows[:, None] * s_stride + cols[None, :], mask=mask, other=float("-inf"),
-                eviction_policy="evict_first")
+    z = _load_tile(s_ptr, s_stride, rows, c, counted, V, PAIRS, BLOCK)
     zt = z
     if HAS_SOFT:
-        zt = tl.load(t_ptr + rows[:, None] * t_stride + cols[None, :], mask=mask, other=float("-inf"),
-                     eviction_policy="evict_first")
+        zt = _load_tile(t_ptr, t_stride, rows, c, counted, V, PAIRS, BLOCK)
     return z, zt, y

@@ -68,6 +68,15 @@ def as_rows(x: torch.Tensor) -> torch.Tensor:
     return x2
 
 
+def loads_pairs(*tensors: torch.Tensor) -> bool:
+    """Whether (N, V) bfloat16 ``tensors`` can be loaded as 32-bit words of two values each
+    (``_tile_math.widen``): V, every row stride and every start address even in elements."""
+    return all(
+        x.dtype == torch.bfloat16 and x.shape[-1] % 2 == 0 and x.stride(0) % 2 == 0 and x.data_ptr() % 4 == 0
+        for x in tensors
+    )
+
+
 def bf16_round_by_hand(dtype: torch.dtype) -> bool:
     """Whether stores to ``dtype`` must round to bfloat16 in integer arithmetic.
 

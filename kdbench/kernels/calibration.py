@@ -30,8 +30,11 @@ Traffic model: one read of the logits (N C b bytes) and of the labels (8 N), plu
 16 N R bytes of partials written and read, and 20 N bytes of per-row outputs: at
 (65536, 32000) bf16 (R = 4) that is 4.19 GB + 8 MB, within 0.2% of one read.
 
-Instruction budget per logit, from SASS (``tests/test_kernels_compile.py``): about 12
-at T = 1, against about 16 that an H200 can issue per bf16 logit at copy bandwidth.
+Instruction budget per logit, from SASS (``tests/test_kernels_compile.py``): 14.7 per
+bf16 logit at (65536, 32000) with Triton 3.9 (15.6 with 3.6), against about 16 that an
+H200 can issue per bf16 logit at copy bandwidth.  bfloat16 rows of even length and stride
+are loaded as 32-bit words of two values, whose halves stay apart until the first step of
+each reduction (``_tile_math.split_pairs``).
 
 Ignored rows (label == ignore_index) are not read.  A counted row with a NaN or +inf
 value of z / T, or all -inf, gets NaN confidence / NLL / Brier and is binned in the
@@ -53,8 +56,8 @@ import triton
 import triton.language as tl
 
 from kdbench._checks import interpreter_on
-from kdbench.kernels._tile_math import LOG2E, finite_shift, load_item, merge_chunks, step_item, tile_exp
-from kdbench.kernels._utils import as_rows, pick_config, resident_programs, tile_plan
+from kdbench.kernels._tile_math import LOG2E, finite_shift, load_item, merge_chunks, split_pairs, step_item, tile_exp
+from kdbench.kernels._utils import as_rows, loads_pairs, pick_config, resident_programs, tile_plan
 from kdbench.reference.calibration import CalibrationRows
 
 MAX_BINS = 1024
@@ -96,6 +99,7 @@ def _chunk_stats_kernel(
     n_items,
     inv_t,  # 1 / T
     ignore_index,
+    PAIRS: tl.constexpr,  # bfloat16 rows of even length and stride, loaded as 32-bit pairs (_tile_math.widen)
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -106,7 +110,7 @@ def _chunk_stats_kernel(
     rb_next = pid // R
     c_next = pid - rb_next * R
     x_next, _, y_next = load_item(rb_next, c_next, x_ptr, x_stride, x_ptr, x_stride, y_ptr, N, C, ignore_index,
-                                  True, False, ROWS, BLOCK)
+                                  True, False, PAIRS, ROWS, BLOCK)
     for it in range(pid, n_items, nprog):
         x_raw, y = x_next, y_next
         rb = rb_next
@@ -114,22 +118,34 @@ def _chunk_stats_kernel(
         rb_next, c_next = step_item(rb, c, step_rb, step_c, R)
         # The next item's loads go out now and land while this one is worked on.
         x_next, _, y_next = load_item(rb_next, c_next, x_ptr, x_stride, x_ptr, x_stride, y_ptr, N, C, ignore_index,
-                                      True, False, ROWS, BLOCK)
+                                      True, False, PAIRS, ROWS, BLOCK)
 
         rows = rb.to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = c * BLOCK + tl.arange(0, BLOCK)
         live = rows < N
-        x = x_raw.to(tl.float32)
-        m = tl.max(x, axis=1)
-        e = tile_exp(x, m, inv_t)
         # The label is not in S', Q'.  Compared in int32, against the tile's own columns.
         y_in_tile = (y - c * BLOCK).to(tl.int32)
-        e = tl.where(tl.arange(0, BLOCK)[None, :] == y_in_tile[:, None], 0.0, e)
-        first = tl.where(x == m[:, None], tl.arange(0, BLOCK)[None, :], _NO_COLUMN)
+        if PAIRS:
+            # The two values of each word stay apart (columns 2w and 2w + 1) and meet in the
+            # first step of each reduction: no interleaving of the tile.
+            lo, hi = split_pairs(x_raw)
+            w2 = 2 * tl.arange(0, BLOCK // 2)[None, :]
+            m = tl.max(tl.maximum(lo, hi), axis=1)
+            e_lo = tl.where(w2 == y_in_tile[:, None], 0.0, tile_exp(lo, m, inv_t))
+            e_hi = tl.where(w2 + 1 == y_in_tile[:, None], 0.0, tile_exp(hi, m, inv_t))
+            first = tl.minimum(tl.where(lo == m[:, None], w2, _NO_COLUMN), tl.where(hi == m[:, None], w2 + 1, _NO_COLUMN))
+            s_rest = tl.sum(e_lo + e_hi, axis=1)
+            q_rest = tl.sum(e_lo * e_lo + e_hi * e_hi, axis=1)
+        else:
+            x = x_raw.to(tl.float32)
+            m = tl.max(x, axis=1)
+            e = tile_exp(x, m, inv_t)
+            e = tl.where(tl.arange(0, BLOCK)[None, :] == y_in_tile[:, None], 0.0, e)
+            first = tl.where(x == m[:, None], tl.arange(0, BLOCK)[None, :], _NO_COLUMN)
+            s_rest = tl.sum(e, axis=1)
+            q_rest = tl.sum(e * e, axis=1)
         arg = tl.min(first, axis=1)
         arg = tl.where(arg == _NO_COLUMN, _NO_COLUMN, arg + c * BLOCK)  # no max seen: a NaN row
-        s_rest = tl.sum(e, axis=1)
-        q_rest = tl.sum(e * e, axis=1)
         out = (rows * R + c) * 4
         tl.store(stat_ptr + out, m, mask=live)
         tl.store(stat_ptr + out + 1, s_rest, mask=live)
@@ -287,7 +303,8 @@ def calibration_sums_triton(
         stats = torch.empty((n, plan.chunks, 4), dtype=torch.float32, device=device)
         args = torch.empty((n, plan.chunks), dtype=torch.int32, device=device)
         call = (x, x.stride(0), y, stats, args, n, c, plan.chunks, plan.items, 1.0 / temperature, ignore_index)
-        consts = dict(ROWS=plan.ROWS, BLOCK=plan.BLOCK, num_warps=num_warps, num_stages=1, enable_fp_fusion=True)
+        consts = dict(PAIRS=loads_pairs(x), ROWS=plan.ROWS, BLOCK=plan.BLOCK, num_warps=num_warps, num_stages=1,
+                      enable_fp_fusion=True)
         programs = plan.items
         if not interpreter_on() and device.type == "cuda":
             # Nothing waits on another program here, so the grid need not all be resident;

@@ -62,10 +62,12 @@ of each input and one write of the gradient: 6.30 GB at (8192, 128256) bf16)
 
 Instruction budget per (student, teacher) element pair, from SASS (see
 ``tests/test_kernels_compile.py``), at (8192, 128256) bf16 with Triton 3.9 for sm_90: as
-one launch, forward KL 33, reverse KL 34, JSD 53, against about 50 that an H200 can
+one launch, forward KL 30.5, reverse KL 32.1, JSD 50.6, against about 50 that an H200 can
 issue per pair at copy bandwidth; as separate launches, which load and exponentiate
-every tile twice (three times for JSD), forward KL 23 + 20 = 43, reverse KL 24 + 22 = 45,
-JSD 20 + 35 + 30 = 85.
+every tile twice (three times for JSD), forward KL 22.1 + 17.8 = 39.9, reverse KL 42.1,
+JSD 79.7.  bfloat16 rows of even length and stride are loaded as 32-bit words of two
+values and widened with one integer instruction per value (``_tile_math.widen``), where
+Triton's own conversion takes two.
 
 float16 gradients
 -----------------
@@ -111,7 +113,7 @@ import triton.language as tl
 from kdbench.kernels._kd_item import ALL, GRAD, LOSS, STATS, kd_item
 from kdbench.kernels._kd_math import scale_grad_kernel
 from kdbench.kernels._tile_math import load_item, step_item
-from kdbench.kernels._utils import as_rows, bf16_round_by_hand, pick_config, resident_programs, tile_plan
+from kdbench.kernels._utils import as_rows, bf16_round_by_hand, loads_pairs, pick_config, resident_programs, tile_plan
 from kdbench._checks import interpreter_on
 from kdbench.reference._common import reduce_rows
 
@@ -174,7 +176,8 @@ def _kd_kernel(
     GO_MODE: tl.constexpr,  # 0: none, 1: one grad_output, 2: one per row
     PHASE: tl.constexpr,  # ALL, or STATS / LOSS / GRAD as separate launches (chunked rows)
     ROUND_BY_HAND: tl.constexpr,  # interpreter only: see bf16_round_by_hand
-    ON_GPU: tl.constexpr,  # inline PTX (MUFU log, mul.rn); the interpreter has none
+    ON_GPU: tl.constexpr,  # inline PTX (MUFU log); the interpreter has none
+    PAIRS: tl.constexpr,  # bfloat16 rows of even length and stride, loaded as 32-bit pairs (_tile_math.widen)
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNKS_PAD: tl.constexpr,
@@ -190,7 +193,7 @@ def _kd_kernel(
     rb_next = pid // R
     c_next = pid - rb_next * R
     z_next, zt_next, y_next = load_item(rb_next, c_next, s_ptr, s_stride, t_ptr, t_stride, y_ptr, N, V,
-                                         ignore_index, HAS_LABELS, HAS_SOFT, ROWS, BLOCK)
+                                         ignore_index, HAS_LABELS, HAS_SOFT, PAIRS, ROWS, BLOCK)
     for it in range(pid, n_items, nprog):
         z_raw, zt_raw, y = z_next, zt_next, y_next
         rb = rb_next
@@ -198,10 +201,10 @@ def _kd_kernel(
         rb_next, c_next = step_item(rb, c, step_rb, step_c, R)
         # The next item's loads go out now and land while this one is worked on.
         z_next, zt_next, y_next = load_item(rb_next, c_next, s_ptr, s_stride, t_ptr, t_stride, y_ptr, N, V,
-                                             ignore_index, HAS_LABELS, HAS_SOFT, ROWS, BLOCK)
+                                             ignore_index, HAS_LABELS, HAS_SOFT, PAIRS, ROWS, BLOCK)
         kd_item(z_raw, zt_raw, y, rb, c, s_ptr, s_stride, part_ptr, g_ptr, g_stride, go_ptr, ws_ptr, cnt_ptr, N, V, R,
                 gscale, inv_t, soft_w, hard_w, beta, ub_s, ub_t, ignore_index, DIVERGENCE, HAS_LABELS, HAS_SOFT,
-                HAS_HARD, T_IS_ONE, COMPUTE_GRAD, GO_MODE, PHASE, ROUND_BY_HAND, ON_GPU, ROWS, BLOCK, CHUNKS_PAD)
+                HAS_HARD, T_IS_ONE, COMPUTE_GRAD, GO_MODE, PHASE, ROUND_BY_HAND, ON_GPU, PAIRS, ROWS, BLOCK, CHUNKS_PAD)
 
 
 def _launch(
@@ -246,6 +249,7 @@ def _launch(
         GO_MODE=0 if go is None else (2 if go_per_row else 1),
         ROUND_BY_HAND=bf16_round_by_hand(s2.dtype),
         ON_GPU=not interpreter_on() and device.type == "cuda",
+        PAIRS=loads_pairs(s2, t2),
         ROWS=plan.ROWS,
         BLOCK=plan.BLOCK,
         CHUNKS_PAD=plan.CHUNKS_PAD,
