@@ -322,21 +322,109 @@ def test_float16_gradient_under_a_loss_scale_is_rounded_once(divergence, backend
     assert_grad_close(grad, grad64, torch.float16)
 
 
-@pytest.mark.parametrize("sync_in_kernel", [True, False], ids=["barrier", "phase-launches"])
+@pytest.mark.parametrize("meeting", ["barrier", "launches", "lagged"])
 @pytest.mark.parametrize("divergence", ["forward", "reverse", "jsd"])
-def test_chunked_rows_meet_in_kernel_or_across_launches(divergence, sync_in_kernel, monkeypatch):
-    """Rows wider than a tile: the in-kernel barrier (GPU) and the separate phase launches
-    (the interpreter, or a GPU where the grid cannot be resident) give the same numbers."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_chunked_rows_meet_in_any_way(divergence, meeting, dtype, monkeypatch):
+    """Rows wider than a tile: the in-kernel barrier (GPU only), separate launches, and the
+    lagged launch (one program under the interpreter, a full grid on a GPU) give the
+    numbers of the float64 oracle, and the same bits as each other."""
     from kdbench.kernels import kd_loss as kernel
 
-    if sync_in_kernel and not torch.cuda.is_available():
+    if meeting == "barrier" and not torch.cuda.is_available():
         pytest.skip("the in-kernel barrier runs on a GPU only; the interpreter runs programs one at a time")
-    monkeypatch.setattr(kernel, "SYNC_IN_KERNEL", sync_in_kernel)
     s, t = _inputs(5, 20000, seed=14)
+    s, t = s.to(dtype), t.to(dtype)
     y = torch.tensor([3, -100, 19999, 7, 0])
     kw = dict(temperature=2.0, alpha=0.3, divergence=divergence)
+    monkeypatch.setattr(kernel, "ROW_MEETING", meeting)
     loss, grad = run(s, t, y, grad_output=torch.tensor(0.7), backend="triton", **kw)
     loss64, grad64 = oracle(s, t, y, grad_output=torch.tensor(0.7), **kw)
     assert_loss_close(loss, loss64)
-    assert_grad_close(grad, grad64, torch.float32)
+    assert_grad_close(grad, grad64, dtype)
     assert torch.all(grad[1] == 0)
+    monkeypatch.setattr(kernel, "ROW_MEETING", "launches")
+    loss_l, grad_l = run(s, t, y, grad_output=torch.tensor(0.7), backend="triton", **kw)
+    if meeting != "barrier":  # the barrier keeps the tile's own statistics: other roundings
+        assert torch.equal(loss, loss_l) and torch.equal(grad, grad_l)
+
+
+def test_unknown_row_meeting_is_refused(monkeypatch):
+    from kdbench.kernels import kd_loss as kernel
+
+    monkeypatch.setattr(kernel, "ROW_MEETING", "sometimes")
+    s, t = _inputs(2, 9000, seed=1)
+    with pytest.raises(ValueError, match="ROW_MEETING: expected one of"):
+        run(s, t, backend="triton")
+
+
+def _simulate_lagged(n_items: int, chunks: int, programs: int, lag: int, passes: int, pick: str, seed: int = 0):
+    """Run the lagged launch's schedule on paper: program p's step k is the statistics of its
+    item k, the loss pass of its item k - lag and (passes == 3) the gradient pass of its item
+    k - 2 lag, in that order; a later pass waits until every chunk of its row has finished the
+    pass before.  ``pick`` says which program moves next: "random", "first" or "last" (by
+    index) among those that can, or "behind" (the one furthest behind; counted as a wait
+    when that one cannot move).  Returns the number of such waits; raises if every program
+    is blocked."""
+    import random
+
+    rng = random.Random(seed)
+    done = [dict() for _ in range(passes)]  # pass -> row -> chunks finished
+    steps = [0] * programs
+    pos = [0] * programs  # next action within the step
+    last = (n_items - 1) // programs + (passes - 1) * lag
+    waited = 0
+    while True:
+        movable = []
+        for p in range(programs):
+            while steps[p] <= last:
+                k, a = steps[p], pos[p]
+                item = p + (k - a * lag) * programs
+                if a >= passes:
+                    steps[p], pos[p] = k + 1, 0
+                elif not 0 <= item < n_items:
+                    pos[p] += 1
+                else:
+                    movable.append((k, a, p, a == 0 or done[a - 1].get(item // chunks, 0) == chunks))
+                    break
+        if not movable:
+            return waited
+        ready = [m for m in movable if m[3]]
+        if not ready:
+            raise AssertionError(f"deadlock: n_items={n_items} chunks={chunks} programs={programs} lag={lag}")
+        if pick == "behind":
+            waited += not min(movable)[3]
+            k, a, p, _ = min(ready)
+        else:
+            k, a, p, _ = {"random": rng.choice, "first": min, "last": max}[pick](ready)
+        item = p + (k - a * lag) * programs
+        done[a][item // chunks] = done[a].get(item // chunks, 0) + 1
+        pos[p] += 1
+
+
+@pytest.mark.parametrize("passes", [2, 3])
+@pytest.mark.parametrize("chunks,programs", [(2, 1), (3, 2), (4, 4), (5, 3), (8, 16), (32, 264), (33, 16), (7, 100)])
+def test_lagged_schedule_never_deadlocks(chunks, programs, passes):
+    """Any interleaving of the programs (all resident) completes with kd_loss.lag_items."""
+    from kdbench.kernels.kd_loss import lag_items
+
+    lag = lag_items(chunks, programs)
+    for n_rows in (1, 3, 11):
+        for pick in ("random", "first", "last"):
+            _simulate_lagged(n_rows * chunks, chunks, programs, lag, passes, pick, seed=n_rows)
+
+
+@pytest.mark.parametrize("chunks,programs", [(2, 1), (3, 2), (32, 264), (33, 16), (7, 100)])
+def test_lagged_schedule_does_not_wait_when_programs_keep_pace(chunks, programs):
+    """Programs that move one step at a time together never find a row unfinished."""
+    from kdbench.kernels.kd_loss import lag_items
+
+    lag = lag_items(chunks, programs)
+    for passes in (2, 3):
+        assert _simulate_lagged(9 * chunks, chunks, programs, lag, passes, "behind") == 0
+
+
+def test_lagged_schedule_with_too_small_a_lag_deadlocks():
+    """The check can fail: one program whose loss pass runs before its row's last statistics."""
+    with pytest.raises(AssertionError, match="deadlock"):
+        _simulate_lagged(8, 4, 1, 2, 2, "first")

@@ -1,12 +1,12 @@
-"""How the chunks of a wide row should meet: the kd kernel's barrier against separate launches, per tile configuration.
+"""How the chunks of a wide row should meet: separate launches, the in-kernel barrier or the lagged launch, per tile configuration.
 
     python -m kdbench.bench.kd_modes [--out FILE.md]
 
 On a CUDA GPU, times ``kd_loss`` forward+backward and forward only (no gradient),
 forward KL, T = 2, at (8192, 128256) bf16 on the Triton backend, for
-``SYNC_IN_KERNEL`` in (True, False) and every entry of ``TILE_CONFIGS``, with
+every ``ROW_MEETING`` in ``ROW_MEETINGS`` and every entry of ``TILE_CONFIGS``, with
 ``triton.testing.do_bench`` (20 ms warm-up, 100 ms of repeats; its mean), then reverse
-KL and JSD at the default settings.  Prints a Markdown table and writes it to
+KL and JSD in each way of meeting at the default tile.  Prints a Markdown table and writes it to
 ``--out``.  Exits 2 with one line on a machine without CUDA.
 """
 
@@ -48,32 +48,37 @@ def main(argv: list[str] | None = None) -> int:
             kdbench.kd_loss(s, t, temperature=2.0, backend="triton")
 
     lines = [
-        f"# kd_loss on {torch.cuda.get_device_name(0)}: in-kernel barrier or separate launches",
+        f"# kd_loss on {torch.cuda.get_device_name(0)}: how the chunks of a row meet",
         "",
         f"Measured {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC with `python -m kdbench.bench.kd_modes` "
         f"(torch {torch.__version__}, triton {triton.__version__}); forward KL, T = 2, {SHAPE} bf16, "
         "`triton.testing.do_bench` means.",
         "",
-        "| SYNC_IN_KERNEL | tile | warps | CTAs/SM | forward+backward ms | forward only ms |",
+        "| ROW_MEETING | tile | warps | CTAs/SM | forward+backward ms | forward only ms |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    old = (kernel.SYNC_IN_KERNEL, kernel.TILE_CONFIG)
+    old = (kernel.ROW_MEETING, kernel.TILE_CONFIG)
     try:
-        for sync in (True, False):
-            kernel.SYNC_IN_KERNEL = sync
+        for meeting in kernel.ROW_MEETINGS:
+            kernel.ROW_MEETING = meeting
             for cfg in kernel.TILE_CONFIGS:
                 kernel.TILE_CONFIG = cfg
                 fwd_bwd("forward")
                 a = triton.testing.do_bench(lambda: fwd_bwd("forward"), warmup=20, rep=100)
                 b = triton.testing.do_bench(fwd_only, warmup=20, rep=100)
-                lines.append(f"| {sync} | {cfg[0]} | {cfg[1]} | {cfg[2]} | {a:.3f} | {b:.3f} |")
+                lines.append(f"| {meeting} | {cfg[0]} | {cfg[1]} | {cfg[2]} | {a:.3f} | {b:.3f} |")
+                print(lines[-1], flush=True)
+        kernel.TILE_CONFIG = old[1]
+        lines += ["", f"Forward+backward at the default tile {old[1]}:", ""]
+        for meeting in kernel.ROW_MEETINGS:
+            kernel.ROW_MEETING = meeting
+            for divergence in ("reverse", "jsd"):
+                fwd_bwd(divergence)
+                ms = triton.testing.do_bench(lambda: fwd_bwd(divergence), warmup=10, rep=50)
+                lines.append(f"- {meeting}, {divergence}: {ms:.3f} ms")
                 print(lines[-1], flush=True)
     finally:
-        kernel.SYNC_IN_KERNEL, kernel.TILE_CONFIG = old
-    lines += ["", "At the defaults:", ""]
-    for divergence in ("reverse", "jsd"):
-        ms = triton.testing.do_bench(lambda: fwd_bwd(divergence), warmup=10, rep=50)
-        lines.append(f"- {divergence}, forward+backward: {ms:.3f} ms")
+        kernel.ROW_MEETING, kernel.TILE_CONFIG = old
     return emit_markdown(lines, args.out)
 
 

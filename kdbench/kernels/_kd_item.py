@@ -11,7 +11,7 @@ import triton.language as tl
 
 from kdbench.kernels._kd_math import gather_chunks, jsd_log_ratios, plog, prob_factor, splat
 from kdbench.kernels._tile_math import finite_shift, merge_chunks, tile_exp, tile_exp_fma, widen
-from kdbench.kernels._utils import arrive_and_wait, cast_for_store
+from kdbench.kernels._utils import arrive, arrive_and_wait, cast_for_store, wait_until
 
 # Phases (launches) of a chunked row when they do not meet in the kernel.
 ALL, STATS, LOSS, GRAD = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
@@ -24,9 +24,8 @@ def kd_item(
     N, V, R, gscale, inv_t, soft_w, hard_w, beta, ub_s, ub_t, ignore_index,
     DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_SOFT: tl.constexpr, HAS_HARD: tl.constexpr,
     T_IS_ONE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, GO_MODE: tl.constexpr, PHASE: tl.constexpr,
-    ROUND_BY_HAND: tl.constexpr, ON_GPU: tl.constexpr, PAIRS: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK: tl.constexpr,
-    CHUNKS_PAD: tl.constexpr,
+    ROUND_BY_HAND: tl.constexpr, ON_GPU: tl.constexpr, PAIRS: tl.constexpr, LAGGED: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr, CHUNKS_PAD: tl.constexpr,
 ):  # fmt: skip
     """Statistics, loss part and gradient of item (rb, c); see ``kd_loss._kd_kernel`` for the arguments."""
     CHUNKED: tl.constexpr = CHUNKS_PAD > 1
@@ -94,8 +93,18 @@ def kd_item(
                 tl.store(ws_ptr + (row0 * R + c) * 8 + slots, vals, mask=slots < 6)
                 if PHASE == ALL:
                     arrive_and_wait(cnt_ptr + row0, R)
+                if LAGGED:
+                    arrive(cnt_ptr + row0)
     if CHUNKED and PHASE != STATS:
         # ---- 2. row statistics from every chunk's (max, sum) ----------------------
+        if LAGGED:
+            # In the lagged launch the row's statistics (and, for JSD's gradient, its K
+            # parts) were published some items ago: this rarely waits.
+            if meets:
+                if PHASE == LOSS:
+                    wait_until(cnt_ptr + row0, R)
+                else:
+                    wait_until(cnt_ptr + row0, 2 * R)
         m_all = gather_chunks(ws_row, 0, R, counted, CHUNKS_PAD, float("-inf"))
         s_all = gather_chunks(ws_row, 1, R, counted, CHUNKS_PAD, 0.0)
         M_s, S_s = merge_chunks(m_all, s_all, inv_t)
@@ -191,6 +200,8 @@ def kd_item(
                             tl.store(ws_row + c * 8 + 6, k_part, mask=counted)
                             if PHASE == ALL:
                                 arrive_and_wait(cnt_ptr + row0, 2 * R)
+                            if LAGGED:
+                                arrive(cnt_ptr + row0)
                     if PHASE != LOSS:
                         k_row = splat(tl.sum(gather_chunks(ws_row, 6, R, counted, CHUNKS_PAD, 0.0), axis=1), ROWS)
             loss = soft_w * loss

@@ -84,18 +84,24 @@ def step_item(rb, c, step_rb, step_c, R):
 
 
 @triton.jit
-def _load_tile(ptr, stride, rows, c, counted, V, PAIRS: tl.constexpr, BLOCK: tl.constexpr):
+def _load_tile(ptr, stride, rows, c, counted, V, PAIRS: tl.constexpr, BLOCK: tl.constexpr, KEEP: tl.constexpr):
     """(ROWS, BLOCK) raw values of chunk c, or with PAIRS (ROWS, BLOCK / 2) uint32 words that each
-    hold two adjacent bfloat16 values (see :func:`widen`); -inf where nothing is read."""
+    hold two adjacent bfloat16 values (see :func:`widen`); -inf where nothing is read.  KEEP
+    asks L2 to keep the lines ("evict_last": the tile is read again soon), else they go first."""
     if PAIRS:
         wcols = c * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
-        words = ptr.to(tl.pointer_type(tl.uint32), bitcast=True) + rows[:, None] * (stride // 2) + wcols[None, :]
-        return tl.load(words, mask=counted[:, None] & (wcols[None, :] < V // 2), other=0xFF80FF80,
-                       eviction_policy="evict_first")
+        ptrs = ptr.to(tl.pointer_type(tl.uint32), bitcast=True) + rows[:, None] * (stride // 2) + wcols[None, :]
+        mask = counted[:, None] & (wcols[None, :] < V // 2)
+        other = 0xFF80FF80
     else:
         cols = c * BLOCK + tl.arange(0, BLOCK)
-        return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=counted[:, None] & (cols[None, :] < V),
-                       other=float("-inf"), eviction_policy="evict_first")
+        ptrs = ptr + rows[:, None] * stride + cols[None, :]
+        mask = counted[:, None] & (cols[None, :] < V)
+        other = float("-inf")
+    if KEEP:
+        return tl.load(ptrs, mask=mask, other=other, eviction_policy="evict_last")
+    else:
+        return tl.load(ptrs, mask=mask, other=other, eviction_policy="evict_first")
 
 
 @triton.jit
@@ -125,6 +131,7 @@ def widen(raw, PAIRS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
 def load_item(
     rb, c, s_ptr, s_stride, t_ptr, t_stride, y_ptr, N, V, ignore_index,
     HAS_LABELS: tl.constexpr, HAS_SOFT: tl.constexpr, PAIRS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    KEEP: tl.constexpr,
 ):  # fmt: skip
     """Raw logits of chunk ``c`` of row block ``rb`` from one tensor (two when HAS_SOFT: the
     student's and the teacher's, else the first twice), and the rows' labels.
@@ -132,6 +139,7 @@ def load_item(
     Raw: (ROWS, BLOCK) values, or with PAIRS (bfloat16 rows of even length and stride)
     (ROWS, BLOCK / 2) words of two values each; :func:`widen` makes float32 of either.
     Nothing is read for rows past the end or rows that do not count (-inf comes back).
+    ``KEEP``: the tile is read again soon, L2 should keep it (else its lines go first).
     """
     rows = rb.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     live = rows < N
@@ -141,8 +149,8 @@ def load_item(
     else:
         y = tl.zeros([ROWS], tl.int64)
         counted = live
-    z = _load_tile(s_ptr, s_stride, rows, c, counted, V, PAIRS, BLOCK)
+    z = _load_tile(s_ptr, s_stride, rows, c, counted, V, PAIRS, BLOCK, KEEP)
     zt = z
     if HAS_SOFT:
-        zt = _load_tile(t_ptr, t_stride, rows, c, counted, V, PAIRS, BLOCK)
+        zt = _load_tile(t_ptr, t_stride, rows, c, counted, V, PAIRS, BLOCK, KEEP)
     return z, zt, y

@@ -146,6 +146,28 @@ def cast_for_store(
 
 
 @triton.jit
+def arrive(cnt_ptr):
+    """Add 1 to the int32 counter at ``cnt_ptr`` once every thread's earlier stores are done.
+
+    The CTA barrier orders all threads' stores before thread 0's release add (the
+    pattern of CUTLASS's ``GenericBarrier``); a program that sees the count with an
+    acquire load (:func:`wait_until`) then sees those stores.
+    """
+    tl.debug_barrier()
+    tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def wait_until(cnt_ptr, target):
+    """Return once the int32 counter at ``cnt_ptr`` has reached ``target`` (acquire): every
+    store its arrivals published is visible to every thread of the program after this."""
+    seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+    while seen < target:
+        seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
 def arrive_and_wait(cnt_ptr, target):
     """Barrier of the programs sharing the int32 counter at ``cnt_ptr``.
 

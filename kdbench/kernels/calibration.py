@@ -110,7 +110,7 @@ def _chunk_stats_kernel(
     rb_next = pid // R
     c_next = pid - rb_next * R
     x_next, _, y_next = load_item(rb_next, c_next, x_ptr, x_stride, x_ptr, x_stride, y_ptr, N, C, ignore_index,
-                                  True, False, PAIRS, ROWS, BLOCK)
+                                  True, False, PAIRS, ROWS, BLOCK, False)
     for it in range(pid, n_items, nprog):
         x_raw, y = x_next, y_next
         rb = rb_next
@@ -118,7 +118,7 @@ def _chunk_stats_kernel(
         rb_next, c_next = step_item(rb, c, step_rb, step_c, R)
         # The next item's loads go out now and land while this one is worked on.
         x_next, _, y_next = load_item(rb_next, c_next, x_ptr, x_stride, x_ptr, x_stride, y_ptr, N, C, ignore_index,
-                                      True, False, PAIRS, ROWS, BLOCK)
+                                      True, False, PAIRS, ROWS, BLOCK, False)
 
         rows = rb.to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = c * BLOCK + tl.arange(0, BLOCK)

@@ -22,25 +22,39 @@ everything else for that item happens on chip:
 4. *gradient*: written from the same registers, in the student's dtype, with the
    batchmean factor 1/n_counted already in it (read from a device scalar: no sync).
 
-How the chunks of a row meet.  With ``SYNC_IN_KERNEL`` they meet inside one launch at
-a per-row barrier (:func:`~kdbench.kernels._utils.arrive_and_wait`, an atomic
-counter): the logits are read once.  Otherwise (the default; and always under the
-CPU interpreter, which runs programs one after another) each exchange ends a launch:
-forward and reverse KL run two launches (statistics; loss and gradient), JSD three.
-On an H200 the barrier's wait, with nothing else for the SM to do, cost more than the
-second read (results/bench/h200-kd-modes.md), hence the default.  A later launch knows
-each row's merged maxima before it loads a tile, so it takes the tile's exps against
-them directly: no tile maxima, no sums of exp, and forward KL's loss from the terms the
-statistics launch already summed; forward KL forms each exponent in one fma
-(``tile_exp_fma``).  The per-item work (one item's statistics, loss and gradient) is
-``kd_item`` in ``_kd_item.py``.
+How the chunks of a row meet (``ROW_MEETING``):
+
+* "launches" (the default): each exchange ends a launch.  Forward and reverse KL run
+  two launches (statistics; loss and gradient), JSD three.  A later launch knows each
+  row's merged maxima before it loads a tile, so it takes the tile's exps against them
+  directly: no tile maxima, no sums of exp, and forward KL's loss from the terms the
+  statistics launch already summed; forward KL forms each exponent in one fma
+  (``tile_exp_fma``).  The second read comes from HBM.
+* "barrier": one launch; the chunks meet at a per-row barrier
+  (:func:`~kdbench.kernels._utils.arrive_and_wait`, an atomic counter) and the
+  gradient comes from the tile still in registers: the logits are read once.  On an
+  H200 the wait, with nothing else for the SM to do, cost more than the second read
+  (results/bench/h200-kd-modes.md).
+* "lagged": one launch, the passes of "launches" interleaved.  A program computes the
+  statistics of its item k (leaving the tile in L2) and then the loss and gradient of
+  its item k - lag (``lag_items``: by then every chunk of that row has published its
+  statistics, so the wait on the row's counter, :func:`~kdbench.kernels._utils.wait_until`,
+  seldom spins), re-reading that tile from L2; JSD's gradient pass runs another lag
+  behind.  HBM sees one read; L2 holds the last 2 lag P items (8 MB at the headline
+  shape).  Not yet timed on a GPU.
+
+The interpreter runs programs one after another: "barrier" falls back to launches there,
+and "lagged" runs as one program (which then waits on no one).  The per-item work (one
+item's statistics, loss and gradient) is ``kd_item`` in ``_kd_item.py``.
 
 The grid is persistent: P programs (every SM's worth of resident CTAs, from the
 compiled kernel's registers and shared memory) walk the items in the order
 item = p, p + P, ...; each program loads its next item's logits before it works on
 the current one, so loads stay in flight through the arithmetic.  For the barrier,
 P >= R and row-ordered items mean a program's earlier item is always in an earlier
-row, and all P programs are resident: every barrier completes.
+row, and all P programs are resident: every barrier completes.  The lagged launch needs
+only residency: a wait at a program's item k is on statistics published at items
+before k by programs that, to publish them, waited only on earlier items still.
 
 Traffic model (forward+backward, (N, V) logits of b bytes; minimum 3 b N V, one read
 of each input and one write of the gradient: 6.30 GB at (8192, 128256) bf16)
@@ -48,12 +62,11 @@ of each input and one write of the gradient: 6.30 GB at (8192, 128256) bf16)
 * rows of V <= TILE: the minimum, 3 b N V;
 * chunked rows, separate launches: forward and reverse KL 5 b N V (the statistics
   launch reads both inputs, the second reads them again and writes the gradient);
-  JSD 7 b N V; with the barrier: 3 b N V for all three;
+  JSD 7 b N V; with the barrier or lagged: 3 b N V from HBM for all three (lagged
+  re-reads 2 b N V, JSD 4 b N V, from L2);
 * the second read of separate launches comes from HBM, not L2: between a row's two
-  reads the whole (N, V) pair streams through (4.2 GB against 50 MB of L2).  Keeping
-  it in L2 needs the two passes of a row close together in time, i.e. inside one
-  persistent launch (a pass over item i - D after the statistics of item i, waiting on
-  the row's counter D items late): not built;
+  reads the whole (N, V) pair streams through (4.2 GB against 50 MB of L2); the lagged
+  launch keeps a row's two reads a few items apart;
 * workspace: N R (8 floats of statistics) + N counters, read back R times per row:
   about 32 R^2 N bytes, 0.27 GB at that shape (R = 32), mostly L2 hits;
 * ``grad_output != 1`` (float32/bfloat16): one more read and write of the gradient in
@@ -91,10 +104,10 @@ Limits
 ------
 * Last dim must be contiguous (other strides are copied once); leading dims may be
   strided.  Logits float32/float16/bfloat16; all arithmetic in float32.
-* The barrier needs all P programs resident together.  ``usable_sms`` honours MPS's
-  ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``; two barrier kernels racing for SMs on
-  streams of different priority could in principle wait on each other.  Where P < R
-  the phases run as separate launches.
+* The barrier and the lagged launch need all P programs resident together.
+  ``usable_sms`` honours MPS's ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``; two such kernels
+  racing for SMs on streams of different priority could in principle wait on each
+  other.  Where P < R the barrier's phases run as separate launches.
 * The gradient buffer is scaled in place by backward, so backward through the same
   graph twice (``retain_graph=True``) raises instead of returning a wrong gradient
   (float16, which recomputes, allows it).
@@ -131,12 +144,17 @@ TILE_CONFIGS = ((4096, 4, 2), (8192, 8, 1), (2048, 2, 4), (4096, 8, 2))
 TILE_CONFIG = TILE_CONFIGS[0]
 # Rows of at most 2048 elements: two-warp programs, 32 elements per thread, several rows each.
 NARROW_CONFIG = (2048, 2, 8)
-# Chunked rows meet at an in-kernel barrier (one read of the logits) when True, or run
-# their phases as separate launches (each re-reads them) when False.  Measured on an
-# H200 the barrier's wait costs more than the second read: forward KL 4.7 to 6.9 ms
-# against 3.99 ms (results/bench/h200-kd-modes.md), so launches are the default until
-# the wait is hidden behind the next item's work.  The interpreter always launches.
-SYNC_IN_KERNEL = False
+# How the chunks of a wide row meet (module docstring): "launches" (each pass a launch;
+# the second read comes from HBM), "barrier" (one launch, one read, every program waits
+# at each row) or "lagged" (one launch; a program's loss and gradient pass runs a few of
+# its items behind its statistics, so the second read comes from L2 and rarely waits).
+# Measured on an H200, the barrier's wait cost more than the launches' second read:
+# forward KL 4.7 to 6.9 ms against 3.99 ms (results/bench/h200-kd-modes.md); "lagged"
+# has not been timed on a GPU yet, so "launches" stays the default.  Under the CPU
+# interpreter, which runs programs one after another, "barrier" falls back to launches
+# and "lagged" runs as one program.
+ROW_MEETINGS = ("launches", "barrier", "lagged")
+ROW_MEETING = "launches"
 
 # Workspace floats per (row, chunk): student max and sum of exp, teacher max and sum,
 # student sum at T = 1, the chunk's sum e (z - z') of the KL terms, its part of JSD's K.
@@ -160,6 +178,7 @@ def _kd_kernel(
     ws_ptr,  # (N, R, 8) float32 workspace of chunk statistics (R > 1)
     cnt_ptr,  # (N,) int32 barrier counters, zeroed (R > 1 and PHASE == ALL)
     N, V, R, n_items,
+    lag,  # LAGGED: how many of its own items a program's later passes run behind its statistics
     inv_t,  # 1 / T (1 when there is no soft term)
     soft_w,  # (1 - alpha) * T^2
     hard_w,  # alpha
@@ -178,6 +197,7 @@ def _kd_kernel(
     ROUND_BY_HAND: tl.constexpr,  # interpreter only: see bf16_round_by_hand
     ON_GPU: tl.constexpr,  # inline PTX (MUFU log); the interpreter has none
     PAIRS: tl.constexpr,  # bfloat16 rows of even length and stride, loaded as 32-bit pairs (_tile_math.widen)
+    LAGGED: tl.constexpr,  # chunked rows: every pass in this launch, each later one `lag` items behind
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNKS_PAD: tl.constexpr,
@@ -192,19 +212,72 @@ def _kd_kernel(
     step_c = nprog - step_rb * R
     rb_next = pid // R
     c_next = pid - rb_next * R
-    z_next, zt_next, y_next = load_item(rb_next, c_next, s_ptr, s_stride, t_ptr, t_stride, y_ptr, N, V,
-                                         ignore_index, HAS_LABELS, HAS_SOFT, PAIRS, ROWS, BLOCK)
-    for it in range(pid, n_items, nprog):
+    # With LAGGED the statistics read the logits from HBM and leave them in L2 (KEEP); the
+    # loss and gradient pass over the item `lag` of this program's items earlier, whose row
+    # every program has finished the statistics of by then (the launcher picks lag), and
+    # reads it back from L2.  JSD's gradient pass runs another `lag` items behind.
+    NEED_K: tl.constexpr = HAS_SOFT and DIVERGENCE == 2 and COMPUTE_GRAD
+    behind = lag * nprog
+    passes = 1
+    if LAGGED:
+        passes = 2
+        if NEED_K:
+            passes = 3
+    rb_l, c_l = rb_next, c_next
+    rb_g, c_g = rb_next, c_next
+    z_next, zt_next, y_next = load_item(rb_next, c_next, s_ptr, s_stride, t_ptr, t_stride, y_ptr, N, V, ignore_index,
+                                         HAS_LABELS, HAS_SOFT, PAIRS, ROWS, BLOCK, LAGGED)
+    for it in range(pid, n_items + (passes - 1) * behind, nprog):
         z_raw, zt_raw, y = z_next, zt_next, y_next
         rb = rb_next
         c = c_next
         rb_next, c_next = step_item(rb, c, step_rb, step_c, R)
         # The next item's loads go out now and land while this one is worked on.
         z_next, zt_next, y_next = load_item(rb_next, c_next, s_ptr, s_stride, t_ptr, t_stride, y_ptr, N, V,
-                                             ignore_index, HAS_LABELS, HAS_SOFT, PAIRS, ROWS, BLOCK)
-        kd_item(z_raw, zt_raw, y, rb, c, s_ptr, s_stride, part_ptr, g_ptr, g_stride, go_ptr, ws_ptr, cnt_ptr, N, V, R,
-                gscale, inv_t, soft_w, hard_w, beta, ub_s, ub_t, ignore_index, DIVERGENCE, HAS_LABELS, HAS_SOFT,
-                HAS_HARD, T_IS_ONE, COMPUTE_GRAD, GO_MODE, PHASE, ROUND_BY_HAND, ON_GPU, PAIRS, ROWS, BLOCK, CHUNKS_PAD)
+                                             ignore_index, HAS_LABELS, HAS_SOFT, PAIRS, ROWS, BLOCK, LAGGED)
+        if LAGGED:
+            # Row block N (past the end) reads nothing: a pass that has not started yet.
+            l_on = it >= behind
+            z_l, zt_l, y_l = load_item(tl.where(l_on, rb_l, N), c_l, s_ptr, s_stride, t_ptr, t_stride, y_ptr, N, V,
+                                       ignore_index, HAS_LABELS, HAS_SOFT, PAIRS, ROWS, BLOCK, NEED_K)
+            if NEED_K:
+                g_on = it >= 2 * behind
+                z_g, zt_g, y_g = load_item(tl.where(g_on, rb_g, N), c_g, s_ptr, s_stride, t_ptr, t_stride, y_ptr, N,
+                                           V, ignore_index, HAS_LABELS, HAS_SOFT, PAIRS, ROWS, BLOCK, False)
+            if it < n_items:
+                kd_item(z_raw, zt_raw, y, rb, c, s_ptr, s_stride, part_ptr, g_ptr, g_stride, go_ptr, ws_ptr, cnt_ptr,
+                        N, V, R, gscale, inv_t, soft_w, hard_w, beta, ub_s, ub_t, ignore_index, DIVERGENCE,
+                        HAS_LABELS, HAS_SOFT, HAS_HARD, T_IS_ONE, COMPUTE_GRAD, GO_MODE, STATS, ROUND_BY_HAND,
+                        ON_GPU, PAIRS, True, ROWS, BLOCK, CHUNKS_PAD)
+            if l_on:
+                kd_item(z_l, zt_l, y_l, rb_l, c_l, s_ptr, s_stride, part_ptr, g_ptr, g_stride, go_ptr, ws_ptr,
+                        cnt_ptr, N, V, R, gscale, inv_t, soft_w, hard_w, beta, ub_s, ub_t, ignore_index, DIVERGENCE,
+                        HAS_LABELS, HAS_SOFT, HAS_HARD, T_IS_ONE, COMPUTE_GRAD, GO_MODE, LOSS, ROUND_BY_HAND,
+                        ON_GPU, PAIRS, True, ROWS, BLOCK, CHUNKS_PAD)
+                rb_l, c_l = step_item(rb_l, c_l, step_rb, step_c, R)
+            if NEED_K:
+                if g_on:
+                    kd_item(z_g, zt_g, y_g, rb_g, c_g, s_ptr, s_stride, part_ptr, g_ptr, g_stride, go_ptr, ws_ptr,
+                            cnt_ptr, N, V, R, gscale, inv_t, soft_w, hard_w, beta, ub_s, ub_t, ignore_index,
+                            DIVERGENCE, HAS_LABELS, HAS_SOFT, HAS_HARD, T_IS_ONE, COMPUTE_GRAD, GO_MODE, GRAD,
+                            ROUND_BY_HAND, ON_GPU, PAIRS, True, ROWS, BLOCK, CHUNKS_PAD)
+                    rb_g, c_g = step_item(rb_g, c_g, step_rb, step_c, R)
+        else:
+            kd_item(z_raw, zt_raw, y, rb, c, s_ptr, s_stride, part_ptr, g_ptr, g_stride, go_ptr, ws_ptr, cnt_ptr, N,
+                    V, R, gscale, inv_t, soft_w, hard_w, beta, ub_s, ub_t, ignore_index, DIVERGENCE, HAS_LABELS,
+                    HAS_SOFT, HAS_HARD, T_IS_ONE, COMPUTE_GRAD, GO_MODE, PHASE, ROUND_BY_HAND, ON_GPU, PAIRS, False,
+                    ROWS, BLOCK, CHUNKS_PAD)
+
+def lag_items(chunks: int, programs: int) -> int:
+    """How many of its own items a program's loss and gradient pass runs behind its statistics
+    in the "lagged" launch, for rows of ``chunks`` chunks and ``programs`` programs.
+
+    Item i is program i % P's item i // P; a row's chunks are consecutive items, so the
+    last of them is at most cdiv(R, P) of a program's items after any other.  One more
+    means every wait is on statistics published at least a whole item earlier: the
+    programs never wait on each other in a cycle, and seldom at all.
+    """
+    return triton.cdiv(chunks, programs) + 1
 
 
 def _launch(
@@ -260,31 +333,41 @@ def _launch(
         enable_fp_fusion=True,
     )
     cnt = torch.zeros(n, dtype=torch.int32, device=device) if chunked else part
-    args = (
-        s2, s2.stride(0), t2, t2.stride(0), y if y is not None else part, part, grad if grad is not None else part,
-        grad.stride(0) if grad is not None else 0, scale, go if go is not None else scale, ws, cnt, n, v, r,
-        plan.items, inv_t, (1.0 - alpha) * temperature * temperature, alpha, beta, -math.log1p(-beta),
-        -math.log(beta), ignore_index,
-    )  # fmt: skip
+
+    def args(lag: int) -> tuple:
+        return (
+            s2, s2.stride(0), t2, t2.stride(0), y if y is not None else part, part, grad if grad is not None else part,
+            grad.stride(0) if grad is not None else 0, scale, go if go is not None else scale, ws, cnt, n, v, r,
+            plan.items, lag, inv_t, (1.0 - alpha) * temperature * temperature, alpha, beta, -math.log1p(-beta),
+            -math.log(beta), ignore_index,
+        )  # fmt: skip
+
     interpret = interpreter_on() or device.type != "cuda"
-    programs = plan.items
-    in_kernel = chunked and SYNC_IN_KERNEL and not interpret
+    meeting = ROW_MEETING if chunked else "launches"
+    if meeting not in ROW_MEETINGS:
+        raise ValueError(f"kd_loss.ROW_MEETING: expected one of {ROW_MEETINGS}, got {meeting!r}")
+    if interpret and meeting == "barrier":
+        meeting = "launches"
+    lagged = meeting == "lagged"
+    programs = 1 if interpret and lagged else plan.items
     if not interpret:
-        phase = ALL if in_kernel or not chunked else STATS
-        key = (device.index, s2.dtype, tuple(a % 16 == 0 for a in (v, s2.stride(0), t2.stride(0))), phase,
+        phase = ALL if meeting != "launches" or not chunked else STATS
+        key = (device.index, s2.dtype, tuple(a % 16 == 0 for a in (v, s2.stride(0), t2.stride(0))), phase, lagged,
                tuple(sorted(consts.items())))
         if key not in _RESIDENT:
-            probe = _kd_kernel.warmup(*args, PHASE=phase, grid=(1,), **consts)
+            probe = _kd_kernel.warmup(*args(0), PHASE=phase, LAGGED=lagged, grid=(1,), **consts)
             _RESIDENT[key] = resident_programs(probe, device, num_warps, per_sm)
         programs = min(plan.items, _RESIDENT[key])
-        # Every chunk of a row must be with a different program, all of them resident.
-        in_kernel = in_kernel and programs >= r
-    if not chunked or in_kernel:
-        _kd_kernel[(programs,)](*args, PHASE=ALL, **consts)
+        if meeting == "barrier" and programs < r:
+            meeting = "launches"  # every chunk of a row must be with a different program, all resident
+    if not chunked or meeting == "barrier":
+        _kd_kernel[(programs,)](*args(0), PHASE=ALL, LAGGED=False, **consts)
+    elif lagged:
+        _kd_kernel[(programs,)](*args(lag_items(r, programs)), PHASE=ALL, LAGGED=True, **consts)
     else:
         need_k = has_soft and divergence == "jsd" and grad is not None
         for phase in (STATS, LOSS, GRAD) if need_k else (STATS, LOSS):
-            _kd_kernel[(programs,)](*args, PHASE=phase, **consts)
+            _kd_kernel[(programs,)](*args(0), PHASE=phase, LAGGED=False, **consts)
     return part.sum(dim=1) if chunked else part.reshape(n)
 
 
