@@ -47,3 +47,23 @@ def test_emit_markdown_prints_and_writes(tmp_path, capsys):
     assert emit_markdown(["# t", "", "| a |"], tmp_path / "x.md") == 0
     assert (tmp_path / "x.md").read_text() == "# t\n\n| a |\n"
     assert capsys.readouterr().out == "# t\n\n| a |\n\n"
+
+
+def test_ncu_metrics_are_summed_over_the_launches_of_a_call():
+    text = (
+        "==PROF== Connected to process\n"
+        '"ID","Kernel Name","Metric Name","Metric Unit","Metric Value"\n'
+        '"0","_kd_kernel","sm__sass_thread_inst_executed.sum","inst","1,000"\n'
+        '"0","_kd_kernel","dram__bytes.sum","byte","10"\n'
+        '"1","_kd_kernel","sm__sass_thread_inst_executed.sum","inst","2,500"\n'
+        '"1","_kd_kernel","dram__bytes.sum","byte","5"\n'
+    )
+    assert profile_kernels.sum_metrics(text) == {"sm__sass_thread_inst_executed.sum": 3500.0, "dram__bytes.sum": 15.0}
+
+
+def test_profiled_launches_follow_the_row_meeting(monkeypatch):
+    from kdbench.kernels import kd_loss
+
+    assert [profile_kernels.launches_per_call(c) for c in ("kd-forward", "kd-jsd", "calibration")] == [2, 3, 1]
+    monkeypatch.setattr(kd_loss, "ROW_MEETING", "lagged")
+    assert profile_kernels.launches_per_call("kd-jsd") == 1

@@ -280,7 +280,8 @@ def _compile_everything() -> dict[str, object]:
 
 
 def headline_counts() -> dict[str, float]:
-    """Static instructions per element of the headline cases only (for the GPU profile's table)."""
+    """Static instructions per element of the headline cases, summed over the launches of one
+    call in the kd kernel's ``ROW_MEETING`` (for the GPU profile's table)."""
     from kdbench.kernels import calibration as cal
     from kdbench.kernels import kd_loss as kd
     from kdbench.kernels._utils import pick_config, tile_plan
@@ -289,12 +290,19 @@ def headline_counts() -> dict[str, float]:
     tile, warps, _ = pick_config(128256, 2, kd.TILE_CONFIG, kd.NARROW_CONFIG)
     plan = tile_plan(8192, 128256, tile)
     for div, name in enumerate(("kd-forward", "kd-reverse", "kd-jsd")):
-        consts = dict(DIVERGENCE=div, HAS_LABELS=False, HAS_SOFT=True, HAS_HARD=False, T_IS_ONE=False,
-                      COMPUTE_GRAD=True, GO_MODE=0, PHASE=kd.ALL, ROUND_BY_HAND=False, ON_GPU=True, PAIRS=True, LAGGED=False,
-                      ROWS=plan.ROWS, BLOCK=plan.BLOCK, CHUNKS_PAD=plan.CHUNKS_PAD)
-        compiled = compile_for_hopper(kd._kd_kernel, _kd_signature("bfloat16"), consts, warps,
-                                      ("s_ptr", "s_stride", "t_ptr", "t_stride", "part_ptr", "g_ptr", "g_stride", "V"))
-        out[name] = _per_element(compiled, plan, warps)
+        if kd.ROW_MEETING == "launches":
+            launches = [(phase, False) for phase in ((1, 2, 3) if div == 2 else (1, 2))]
+        else:
+            launches = [(0, kd.ROW_MEETING == "lagged")]
+        out[name] = 0.0
+        for phase, lagged in launches:
+            consts = dict(DIVERGENCE=div, HAS_LABELS=False, HAS_SOFT=True, HAS_HARD=False, T_IS_ONE=False,
+                          COMPUTE_GRAD=True, GO_MODE=0, PHASE=phase, ROUND_BY_HAND=False, ON_GPU=True, PAIRS=True,
+                          LAGGED=lagged, ROWS=plan.ROWS, BLOCK=plan.BLOCK, CHUNKS_PAD=plan.CHUNKS_PAD)
+            compiled = compile_for_hopper(kd._kd_kernel, _kd_signature("bfloat16"), consts, warps,
+                                          ("s_ptr", "s_stride", "t_ptr", "t_stride", "part_ptr", "g_ptr", "g_stride",
+                                           "V"))
+            out[name] += _per_element(compiled, plan, warps)
     tile, warps, _ = pick_config(32000, 2, cal.TILE_CONFIG, cal.NARROW_CONFIG)
     plan = tile_plan(65536, 32000, tile)
     compiled = compile_for_hopper(cal._chunk_stats_kernel, _cal_signatures("bfloat16")[0],
@@ -302,6 +310,21 @@ def headline_counts() -> dict[str, float]:
                                   ("x_ptr", "y_ptr", "stat_ptr", "arg_ptr", "x_stride", "C"))
     out["calibration"] = _per_element(compiled, plan, warps)
     return out
+
+
+def test_headline_counts_follow_the_default_launches(compiled):
+    """What the GPU profile (kdbench.bench.profile_kernels) compares Nsight's counts with: the
+    launches of one call, as the test cases above count them."""
+    counts = json.loads(subprocess.run(
+        [sys.executable, "-c", "import json, sys; sys.path.insert(0, 'tests'); import test_kernels_compile as t; "
+         "print(json.dumps(t.headline_counts()))"],
+        capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+    ).stdout)  # fmt: skip
+    case = "kd-shape-8192-128256-bfloat16"
+    assert counts["kd-forward"] == pytest.approx(compiled[f"count:{case}-0-phase1"] + compiled[f"count:{case}-0-phase2"])
+    assert counts["kd-jsd"] == pytest.approx(sum(compiled[f"count:{case}-2-phase{p}"] for p in (1, 2, 3)))
+    assert counts["calibration"] == pytest.approx(compiled["count:cal-stats-65536-32000-bfloat16"])
 
 
 @pytest.fixture(scope="module")

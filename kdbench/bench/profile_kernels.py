@@ -7,9 +7,11 @@ counts.  This measures what the GPU executes, so that the two can be compared:
 
 runs each headline case once under ``ncu --clock-control none`` (the clocks are left
 alone), reading ``sm__sass_thread_inst_executed.sum`` (thread instructions executed),
-``dram__bytes.sum`` and ``gpu__time_duration.sum`` of the case's main kernel, and
-writes a Markdown table: instructions per element (kd_loss: per (student, teacher)
-pair; calibration_stats: per logit) next to the static count of the loop body.
+``dram__bytes.sum`` and ``gpu__time_duration.sum`` of the case's main kernel, summed
+over its launches in one call (kd_loss with ``ROW_MEETING = "launches"``: two, three for
+JSD), and writes a Markdown table: instructions per element (kd_loss: per (student,
+teacher) pair; calibration_stats: per logit) next to the static count of the loop
+bodies of the same launches.
 ``--case NAME`` (used by the parent run under ncu) runs one case: a warm-up call and
 then the measured one.
 """
@@ -38,8 +40,27 @@ CASES = {
 METRICS = ("sm__sass_thread_inst_executed.sum", "dram__bytes.sum", "gpu__time_duration.sum")
 
 
+def launches_per_call(name: str) -> int:
+    """Launches of the case's main kernel in one call (what ncu sums)."""
+    from kdbench.kernels import kd_loss
+
+    op, divergence = CASES[name][:2]
+    if op != "kd_loss" or kd_loss.ROW_MEETING != "launches":
+        return 1
+    return 3 if divergence == "jsd" else 2
+
+
+def sum_metrics(csv_text: str) -> dict[str, float]:
+    """``ncu --csv`` output (one row per launch and metric) -> each metric summed over the launches."""
+    values: dict[str, float] = {}
+    for row in csv.DictReader(io.StringIO(csv_text[csv_text.find('"ID"') :])):
+        name = row["Metric Name"]
+        values[name] = values.get(name, 0.0) + float(row["Metric Value"].replace(",", ""))
+    return values
+
+
 def run_case(name: str) -> None:
-    """A warm-up call, then the call that ncu measures (the second launch of the kernel)."""
+    """A warm-up call, then the call that ncu measures (its launches of the kernel)."""
     import kdbench
 
     op, divergence, n, v, _ = CASES[name]
@@ -59,19 +80,16 @@ def run_case(name: str) -> None:
 
 def _ncu(ncu: str, name: str) -> dict[str, float]:
     kernel = CASES[name][4]
+    k = str(launches_per_call(name))
     cmd = [
-        ncu, "--clock-control", "none", "--kernel-name", kernel, "--launch-skip", "1", "--launch-count", "1",
+        ncu, "--clock-control", "none", "--kernel-name", kernel, "--launch-skip", k, "--launch-count", k,
         "--metrics", ",".join(METRICS), "--csv", "--print-units", "base", sys.executable, "-m", "kdbench.bench.profile_kernels",
         "--case", name,
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
         raise RuntimeError(f"ncu failed on {name}: {out.stderr[-2000:]}")
-    text = out.stdout[out.stdout.find('"ID"') :]
-    values: dict[str, float] = {}
-    for row in csv.DictReader(io.StringIO(text)):
-        values[row["Metric Name"]] = float(row["Metric Value"].replace(",", ""))
-    return values
+    return sum_metrics(out.stdout)
 
 
 def _static_counts() -> dict[str, float]:
