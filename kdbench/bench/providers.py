@@ -5,6 +5,10 @@ kd_loss providers (student s, teacher t, temperature T, batchmean):
 * ``kdbench-triton``: ``kdbench.kd_loss(..., backend="triton")`` (CUDA only here: on CPU
   the Triton interpreter is a correctness tool, not something to time).
 * ``kdbench-torch``:  ``kdbench.kd_loss(..., backend="torch")`` (the chunked fused path).
+* ``kdbench-lagged``: ``kdbench-triton`` with ``kernels/kd_loss.py``'s ``ROW_MEETING =
+  "lagged"`` (wide rows in one launch, the second pass reading from L2) instead of the
+  default separate launches; CUDA only.  The gradient is computed inside the timed
+  forward call for float32 and bfloat16, so the setting covers it.
 * ``eager``:   what users write, ``F.kl_div(F.log_softmax(s/T), F.log_softmax(t/T),
   log_target=True, reduction="batchmean") * T**2`` (JSD: the same with log M =
   logaddexp(log p_t + log beta, log p_s + log(1 - beta))), in the logits' dtype.
@@ -49,10 +53,10 @@ import torch.nn.functional as F
 from kdbench.bench.cases import CALIBRATION, KD_LOSS, Case
 
 KDBENCH_PROVIDERS = ("kdbench-triton", "kdbench-torch")
-KD_PROVIDERS = ("kdbench-triton", "kdbench-torch", "eager", "compile", "liger")
+KD_PROVIDERS = ("kdbench-triton", "kdbench-lagged", "kdbench-torch", "eager", "compile", "liger")
 CALIBRATION_PROVIDERS = ("kdbench-triton", "kdbench-torch", "compile", "torchmetrics")
 # Over tolerance, these are wrong (not timed; ``kdbench bench`` exits 1); any other provider is timed and flagged.
-STRICT_PROVIDERS = KDBENCH_PROVIDERS
+STRICT_PROVIDERS = (*KDBENCH_PROVIDERS, "kdbench-lagged")
 # Not run at the extra shapes of ``kdbench bench`` (cases.extra_cases): the slow ones.
 EXTRA_SHAPE_SKIPS = {
     "kdbench-torch": "not run at the extra shapes (slow on CUDA; timed at the headline shapes)",
@@ -82,7 +86,7 @@ def skip_reason(name: str, case: Case) -> str | None:
     if name not in providers_for(case):
         raise ValueError(f"provider: expected one of {', '.join(providers_for(case))} for {case.op}, got {name!r}")
     on_gpu = case.device.startswith("cuda")
-    if name == "kdbench-triton":
+    if name in ("kdbench-triton", "kdbench-lagged"):
         if not on_gpu:
             return "needs a CUDA GPU (on CPU the Triton interpreter checks correctness; it is not timed)"
         if not _installed("triton"):
@@ -174,12 +178,28 @@ def _kdbench_kd(case: Case, backend: str) -> Callable[[torch.Tensor, torch.Tenso
     return run
 
 
+def _lagged(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``fn`` with the kd kernel's wide rows meeting in the lagged launch."""
+    from kdbench.kernels import kd_loss as kernel
+
+    def run(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        old, kernel.ROW_MEETING = kernel.ROW_MEETING, "lagged"
+        try:
+            return fn(s, t)
+        finally:
+            kernel.ROW_MEETING = old
+
+    return run
+
+
 def kd_loss_fn(name: str, case: Case) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The loss function of provider ``name``: (student, teacher) -> scalar loss."""
     if name == "kdbench-triton":
         return _kdbench_kd(case, "triton")
     if name == "kdbench-torch":
         return _kdbench_kd(case, "torch")
+    if name == "kdbench-lagged":
+        return _lagged(_kdbench_kd(case, "triton"))
     if name == "eager":
         return _eager_kd(case)
     if name == "compile":

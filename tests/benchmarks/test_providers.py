@@ -14,7 +14,7 @@ from kd_helpers import assert_grad_close, assert_loss_close, oracle
 from kdbench.bench import cases, measure, providers, report
 from kdbench.bench.cases import CALIBRATION, FORWARD, FORWARD_BACKWARD, KD_LOSS, Case
 
-CPU_KD_PROVIDERS = ["kdbench-triton", "kdbench-torch", "eager"]  # triton: interpreter on CPU
+CPU_KD_PROVIDERS = ["kdbench-triton", "kdbench-lagged", "kdbench-torch", "eager"]  # triton: interpreter on CPU
 
 
 def _kd(n=6, v=300, dtype="float32", direction=FORWARD_BACKWARD, divergence="forward", device=DEVICE):
@@ -36,6 +36,15 @@ def test_kd_provider_matches_oracle(name, direction, divergence):
     errors = _check(name, _kd(direction=direction, divergence=divergence))
     assert set(errors) == ({"loss_rel", "grad_rel_to_max"} if direction == FORWARD_BACKWARD else {"loss_rel"})
     assert all(e <= providers.KD_TOL["float32"] for e in errors.values())
+
+
+@pytest.mark.parametrize("divergence", ["forward", "jsd"])
+def test_lagged_provider_on_wide_rows_matches_oracle_and_restores_the_default(divergence):
+    from kdbench.kernels import kd_loss as kernel
+
+    errors = _check("kdbench-lagged", _kd(n=3, v=9000, divergence=divergence))  # 5 chunks of 2048 per row
+    assert all(e <= providers.KD_TOL["float32"] for e in errors.values())
+    assert kernel.ROW_MEETING == "launches"
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -155,7 +164,7 @@ def test_compare_reports_errors_over_tolerance_without_raising(monkeypatch):
     assert set(over) == {"loss_rel"} and over["loss_rel"] == (runner.errors["loss_rel"], providers.KD_TOL["float32"])
     assert runner.errors["loss_rel"] == pytest.approx(0.01, rel=1e-3)
     assert "loss_rel" in runner.too_large() and "eager on kd_loss" in runner.too_large()
-    assert providers.STRICT_PROVIDERS == ("kdbench-triton", "kdbench-torch")
+    assert providers.STRICT_PROVIDERS == ("kdbench-triton", "kdbench-torch", "kdbench-lagged")
 
 
 # ---- availability --------------------------------------------------------------------------
