@@ -330,3 +330,12 @@ def test_commit_of_this_checkout():
         pytest.skip("kdbench is not imported from a git checkout")
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=pkg, capture_output=True, text=True).stdout.strip()
     assert cli.source_commit() in (head, f"{head}-dirty")
+
+
+def test_jsd_is_swept_last():
+    from kdbench.bench.cases import headline_cases
+
+    got = cli.sweep_order(headline_cases("cuda", quick=True))
+    assert [(c.op, c.divergence if c.op == "kd_loss" else "") for c in got] == [
+        ("kd_loss", "forward"), ("calibration_stats", ""), ("kd_loss", "jsd")
+    ]

@@ -207,7 +207,7 @@ def _compile_everything() -> dict[str, object]:
 
     results: dict[str, object] = {}
 
-    def attempt(case, fn, signature, consts, warps, aligned=(), scalar16=None, plan=None):
+    def attempt(case, fn, signature, consts, warps, aligned=(), scalar16=None, plan=None, per_sm=None):
         try:
             compiled = compile_for_hopper(fn, signature, consts, warps, aligned)
             report = ptxas_report(compiled)
@@ -217,6 +217,13 @@ def _compile_everything() -> dict[str, object]:
                 results[case] = memory_shape_problems(compiled.asm["ptx"], scalar16)
             if plan is not None:
                 results[f"count:{case}"] = _per_element(compiled, plan, warps)
+            if per_sm is not None and not results[case]:
+                # The programs per SM a tile configuration asks for must fit in its registers
+                # (64K per SM, allocated per warp in units of 256).
+                regs = int(re.search(r"Used (\d+) registers", report).group(1))
+                fit = min(65536 // (triton.cdiv(regs * 32, 256) * 256 * warps), 64 // warps)
+                if fit < per_sm:
+                    results[case] = f"{regs} registers: {fit} programs of {warps} warps fit per SM, {per_sm} asked"
         except Exception as exc:  # reported per case by the tests
             results[case] = f"{type(exc).__name__}: {exc}"[:2000]
 
@@ -264,6 +271,19 @@ def _compile_everything() -> dict[str, object]:
             attempt(f"scale-{dtype}-{per_row}", kd.scale_grad_kernel,
                     {"g_ptr": PTR[dtype], "g_stride": "i64", "go_ptr": "*fp32", "V": "i32"},
                     dict(PER_ROW=per_row, ROUND_BY_HAND=False, BLOCK=4096), 4)
+
+    # Every tile-configuration candidate (what `kdbench bench` sweeps) at the headline shape: no spills,
+    # and the programs per SM it asks for fit in the registers it takes.
+    for tile, warps, per_sm in kd.TILE_CONFIGS:
+        plan = tile_plan(8192, 128256, tile)
+        for phase in (1, 2):
+            attempt(f"tile-kd-{tile}-{warps}-{per_sm}-phase{phase}", kd._kd_kernel, _kd_signature("bfloat16"),
+                    kd_consts(0, False, False, True, plan, phase), warps, kd_aligned, per_sm=per_sm)
+    for tile, warps, per_sm in cal.TILE_CONFIGS:
+        plan = tile_plan(65536, 32000, tile)
+        attempt(f"tile-cal-{tile}-{warps}-{per_sm}", cal._chunk_stats_kernel, _cal_signatures("bfloat16")[0],
+                dict(PAIRS=True, ROWS=plan.ROWS, BLOCK=plan.BLOCK), warps,
+                ("x_ptr", "y_ptr", "stat_ptr", "arg_ptr", "x_stride", "C"), per_sm=per_sm)
 
     for n, c, dtype in CAL_SHAPES:
         c_tile, c_warps, _ = pick_config(c, BYTES[dtype], cal.TILE_CONFIG, cal.NARROW_CONFIG)
@@ -407,6 +427,20 @@ def test_calibration_kernels_compile_within_instruction_budget(compiled, n, c, d
     budget = BUDGET["calibration"] * BYTES[dtype] / 2
     per_logit = compiled[f"count:cal-stats-{n}-{c}-{dtype}"]
     assert per_logit <= budget, f"{per_logit:.1f} instructions per logit, budget {budget:.0f}"
+
+
+def _tile_cases():
+    from kdbench.kernels import calibration as cal
+    from kdbench.kernels import kd_loss as kd
+
+    return [f"tile-kd-{t}-{w}-{p}-phase{ph}" for t, w, p in kd.TILE_CONFIGS for ph in (1, 2)] + [
+        f"tile-cal-{t}-{w}-{p}" for t, w, p in cal.TILE_CONFIGS
+    ]
+
+
+@pytest.mark.parametrize("case", _tile_cases())
+def test_every_tile_candidate_compiles_and_fits_its_programs_per_sm(compiled, case):
+    assert compiled[case] == ""
 
 
 def test_loop_body_count_leaves_out_inner_loops():

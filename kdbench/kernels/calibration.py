@@ -64,9 +64,13 @@ MAX_BINS = 1024
 # (elements per tile, warps per program, programs per SM) of the statistics kernel.  64
 # logits per thread amortise the per-item work (four reductions, the next item's
 # addresses, the partials' stores) to about 4 instructions per logit; the tile and the
-# next one's raw logits take about 240 registers.  The candidates are what
-# `kdbench bench` sweeps on a GPU.
-TILE_CONFIGS = ((16384, 8, 1), (8192, 8, 2), (16384, 16, 1), (8192, 4, 2))
+# next one's raw logits take about 240 registers, so one 8-warp program fits per SM.
+# (4096, 4, 4) and (8192, 8, 2) hold 32 logits per thread in about 127 registers, 16
+# warps per SM, for about 2 instructions per logit more: the H200 ran the default at a
+# third of copy bandwidth with its issue slots two-thirds idle, which more resident
+# warps may hide.  The candidates are what `kdbench bench` sweeps on a GPU; the
+# compile tests check each for spills and for programs per SM that fit.
+TILE_CONFIGS = ((16384, 8, 1), (4096, 4, 4), (8192, 8, 2), (16384, 16, 1), (8192, 4, 2))
 TILE_CONFIG = TILE_CONFIGS[0]
 # Rows of at most 2048 elements: two-warp programs, 32 logits per thread, several rows each.
 NARROW_CONFIG = (2048, 2, 8)

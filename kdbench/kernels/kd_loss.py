@@ -136,11 +136,15 @@ _DIVERGENCE_CODE = {"forward": FORWARD, "reverse": REVERSE, "jsd": JSD}
 # (elements per tile and tensor, warps per program, programs per SM).  32 elements of
 # each tensor per thread amortise the per-item work (reductions, merge, the next
 # item's addresses) to about 10 instructions per pair, and the loaded tile, its exps
-# and the next tile's raw logits fit in about 170 registers.  On an H200 (Triton 3.6,
+# and the next tile's raw logits fit in about 128 registers.  On an H200 (Triton 3.6,
 # forward KL fwd+bwd at (8192, 128256) bf16, results/bench/h200-kd-modes.md) the
-# fastest was (4096, 4, 2) with the phases as separate launches: 3.99 ms.  The
-# candidates are what `kdbench bench` sweeps on a GPU.
-TILE_CONFIGS = ((4096, 4, 2), (8192, 8, 1), (2048, 2, 4), (4096, 8, 2))
+# fastest was (4096, 4, 2) with the phases as separate launches: 3.99 ms, 8 warps per
+# SM.  (4096, 4, 4), the same kernel with twice the programs resident (16 warps per SM,
+# which its 128 registers allow), was not measured: the profile of the first kernels
+# showed them waiting on latency at low occupancy.  The candidates are what
+# `kdbench bench` sweeps on a GPU; tests/test_kernels_compile.py checks that each
+# compiles without spills and that its programs per SM fit in the registers.
+TILE_CONFIGS = ((4096, 4, 2), (4096, 4, 4), (8192, 8, 1), (2048, 2, 4), (4096, 8, 2))
 TILE_CONFIG = TILE_CONFIGS[0]
 # Rows of at most 2048 elements: two-warp programs, 32 elements per thread, several rows each.
 NARROW_CONFIG = (2048, 2, 8)
