@@ -83,6 +83,26 @@ def test_jsd_one_sided_mask_is_finite(v, backend):
     assert_grad_close(grad, grad64, torch.float32)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("v", V_CASES)
+def test_jsd_mixture_below_float32_normal_range(v, backend):
+    """Classes whose probabilities under both models, and so their mixture M, fall below
+    float32's smallest normal number (2**-126), and some that underflow to 0 in one model
+    only: every log-ratio stays finite and the loss and gradient keep the oracle's value."""
+    s, t = _inputs(2, v, seed=15)
+    s[:, :3] = s.max() - 95.0  # p ~ 1e-41 in both models at T = 1: a subnormal M
+    t[:, :3] = t.max() - 95.0
+    s[:, 3:6] = s.max() - 120.0  # p_s = 0 in float32, p_t subnormal
+    t[:, 3:6] = t.max() - 100.0
+    for beta in (0.5, 0.9):
+        kw = dict(divergence="jsd", beta=beta, temperature=1.0)
+        loss, grad = run(s, t, backend=backend, **kw)
+        loss64, grad64 = oracle(s, t, **kw)
+        assert torch.isfinite(loss) and torch.isfinite(grad).all()
+        assert_loss_close(loss, loss64)
+        assert_grad_close(grad, grad64, torch.float32)
+
+
 # (divergence, which model puts zero mass on a class the other does not): the
 # mathematics says +inf, and so must the loss.
 INFINITE_CASES = {

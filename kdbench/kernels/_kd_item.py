@@ -9,8 +9,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kdbench.kernels._kd_math import gather_chunks, jsd_log_ratios, plog, prob_factor, splat
-from kdbench.kernels._tile_math import finite_shift, merge_chunks, tile_exp, tile_exp_fma, widen
+from kdbench.kernels._kd_math import gather_chunks, jsd_log_ratios, log2_probs, plog, prob_factor, splat
+from kdbench.kernels._tile_math import LN2, LOG2E, finite_shift, merge_chunks, tile_exp, tile_exp_fma, widen
 from kdbench.kernels._utils import arrive, arrive_and_wait, cast_for_store, wait_until
 
 # Phases (launches) of a chunked row when they do not meet in the kernel.
@@ -33,6 +33,8 @@ def kd_item(
     SEP_E1: tl.constexpr = HAS_HARD and not T_IS_ONE
     # Whether this launch takes the tiles' own statistics (else the row's, from the workspace).
     LOCAL: tl.constexpr = not CHUNKED or PHASE == ALL or PHASE == STATS
+    # JSD's later launches work in bits: log2 p first, p = 2**(log2 p) from it.
+    JSD2: tl.constexpr = HAS_SOFT and DIVERGENCE == 2 and not LOCAL
     rows = rb.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = c * BLOCK + tl.arange(0, BLOCK)
     live = rows < N
@@ -58,25 +60,38 @@ def kd_item(
         m_t = m_s
         if HAS_SOFT:
             m_t = tl.max(zt, axis=1)
-        e_s = tile_exp(z, m_s, inv_t)
-        e_t = e_s
-        e_1 = e_s
-        if HAS_SOFT:
-            e_t = tile_exp(zt, m_t, inv_t)
-        if SEP_E1:
-            e_1 = tile_exp(z, m_s, 1.0)
-        # Forward and reverse KL sum their loss terms against the local exps now, so only the
-        # row's (max, sum) have to travel: sum p (log p - log q) = r * (sum e (z - z') / T + c0 * sum e).
-        q = z
-        if HAS_SOFT and DIVERGENCE == 0:
-            q = plog(zt - z)
-            s_s, s_t, a, s_1 = tl.sum(e_s, 1), tl.sum(e_t, 1), tl.sum(e_t * q, 1), tl.sum(e_1, 1)
-        elif HAS_SOFT and DIVERGENCE == 1:
-            q = plog(z - zt)
-            s_s, s_t, a, s_1 = tl.sum(e_s, 1), tl.sum(e_t, 1), tl.sum(e_s * q, 1), tl.sum(e_1, 1)
+        if PHASE == STATS and (DIVERGENCE == 2 or not HAS_SOFT):
+            # Only (max, sum) pairs leave this launch: each exponent is one fma against the
+            # rounded max, the rounding's exact factor applied to the sum (tile_exp_fma).
+            e_s, f_s = tile_exp_fma(z, m_s, inv_t)
+            s_s = tl.sum(e_s, 1) * f_s
+            s_t, s_1, a = s_s, s_s, s_s
+            if HAS_SOFT:
+                e_t, f_t = tile_exp_fma(zt, m_t, inv_t)
+                s_t = tl.sum(e_t, 1) * f_t
+            if SEP_E1:
+                e_1, f_1 = tile_exp_fma(z, m_s, 1.0)
+                s_1 = tl.sum(e_1, 1) * f_1
         else:
-            s_s, s_t, s_1 = tl.sum(e_s, 1), tl.sum(e_t, 1), tl.sum(e_1, 1)
-            a = s_s
+            e_s = tile_exp(z, m_s, inv_t)
+            e_t = e_s
+            e_1 = e_s
+            if HAS_SOFT:
+                e_t = tile_exp(zt, m_t, inv_t)
+            if SEP_E1:
+                e_1 = tile_exp(z, m_s, 1.0)
+            # Forward and reverse KL sum their loss terms against the local exps now, so only the
+            # row's (max, sum) have to travel: sum p (log p - log q) = r * (sum e (z - z') / T + c0 * sum e).
+            q = z
+            if HAS_SOFT and DIVERGENCE == 0:
+                q = plog(zt - z)
+                s_s, s_t, a, s_1 = tl.sum(e_s, 1), tl.sum(e_t, 1), tl.sum(e_t * q, 1), tl.sum(e_1, 1)
+            elif HAS_SOFT and DIVERGENCE == 1:
+                q = plog(z - zt)
+                s_s, s_t, a, s_1 = tl.sum(e_s, 1), tl.sum(e_t, 1), tl.sum(e_s * q, 1), tl.sum(e_1, 1)
+            else:
+                s_s, s_t, s_1 = tl.sum(e_s, 1), tl.sum(e_t, 1), tl.sum(e_1, 1)
+                a = s_s
         # The maxima the tiles' exps were taken against (tm_*), the row's, and the tiles' extra
         # factors (f_*: 1 here, see tile_exp_fma).
         tm_s, tm_t = m_s, m_t
@@ -128,7 +143,16 @@ def kd_item(
             # loss terms of forward and reverse KL are this chunk's own, from the statistics
             # launch.
             tm_s, tm_t = M_s, M_t
-            if DIVERGENCE == 0 or not HAS_SOFT:
+            if JSD2:
+                # The log-probabilities JSD needs anyway give p in one exp each: e_* hold
+                # p_* here (r_* = 1 below).
+                f_s, f_t, f_1 = 1.0, 1.0, 1.0
+                ls2, e_s = log2_probs(z, M_s, S_s, counted, inv_t, ON_GPU)
+                lt2, e_t = log2_probs(zt, M_t, S_t, counted, inv_t, ON_GPU)
+                e_1 = e_s
+                if SEP_E1:
+                    e_1 = tile_exp(z, M_s, 1.0)
+            elif DIVERGENCE == 0 or not HAS_SOFT:
                 # Nothing else needs z - M here: the exps take it inside one fma each.
                 e_s, f_s = tile_exp_fma(z, M_s, inv_t)
                 e_t, f_t, e_1, f_1 = e_s, f_s, e_s, f_s
@@ -160,8 +184,12 @@ def kd_item(
         if HAS_SOFT:
             undefined = undefined | ~(S_t > 0)
         # p_s = e_s * r_s, p_t = e_t * r_t, softmax(z) = e_1 * r_1; 0 for rows that do not count.
-        r_s = tl.where(counted, prob_factor(tm_s, M_s, S_s, inv_t) * f_s, 0.0)
-        r_t = tl.where(counted, prob_factor(tm_t, M_t, S_t, inv_t) * f_t, 0.0)
+        if JSD2:
+            r_s = tl.where(counted, 1.0, 0.0)
+            r_t = r_s
+        else:
+            r_s = tl.where(counted, prob_factor(tm_s, M_s, S_s, inv_t) * f_s, 0.0)
+            r_t = tl.where(counted, prob_factor(tm_t, M_t, S_t, inv_t) * f_t, 0.0)
         r_1 = r_s
         if SEP_E1:
             r_1 = tl.where(counted, prob_factor(tm_s, M_s, S_1, 1.0) * f_1, 0.0)
@@ -186,12 +214,17 @@ def kd_item(
                     k_all = tl.where(s_all > 0, r_all * (b_all * inv_t - c0[:, None] * s_all), 0.0)
                     k_row = splat(tl.sum(k_all, axis=1), ROWS)
             else:
-                p_s = e_s * r_s[:, None]
-                p_t = e_t * r_t[:, None]
-                ls = (z - finite_shift(M_s)[:, None]) * inv_t - tl.log(S_s)[:, None]
-                lt = (zt - finite_shift(M_t)[:, None]) * inv_t - tl.log(S_t)[:, None]
-                q, d_t = jsd_log_ratios(ls, lt, p_s, p_t, beta, ub_s, ub_t, ON_GPU)
-                k_part, l_t = tl.sum(p_s * q, 1), tl.sum(p_t * d_t, 1)
+                if JSD2:
+                    # Ratios in bits (q too, for the gradient), the sums back in nats.
+                    q, d_t = jsd_log_ratios(ls2, lt2, e_s, e_t, beta, ub_s * LOG2E, ub_t * LOG2E, True, ON_GPU)
+                    k_part, l_t = tl.sum(e_s * q, 1) * LN2, tl.sum(e_t * d_t, 1) * LN2
+                else:
+                    p_s = e_s * r_s[:, None]
+                    p_t = e_t * r_t[:, None]
+                    ls = (z - finite_shift(M_s)[:, None]) * inv_t - tl.log(S_s)[:, None]
+                    lt = (zt - finite_shift(M_t)[:, None]) * inv_t - tl.log(S_t)[:, None]
+                    q, d_t = jsd_log_ratios(ls, lt, p_s, p_t, beta, ub_s, ub_t, False, ON_GPU)
+                    k_part, l_t = tl.sum(p_s * q, 1), tl.sum(p_t * d_t, 1)
                 loss = beta * l_t + (1.0 - beta) * k_part
                 k_row = k_part
                 if NEED_K and CHUNKED:
@@ -232,6 +265,10 @@ def kd_item(
                 elif DIVERGENCE == 1:
                     # p_s (log p_s - log p_t - K), with log p_s - log p_t = q / T - c0.
                     g = (coef * inv_t)[:, None] * e_s * (q - ((c0 + k_row) * (1.0 / inv_t))[:, None])
+                elif JSD2:
+                    # q in bits: p_s (q ln 2 - K), one fma and one product per element.
+                    a_g = coef * ((1.0 - beta) * LN2)
+                    g = e_s * (q * a_g[:, None] - (a_g * (k_row * LOG2E))[:, None])
                 else:
                     g = (coef * (1.0 - beta))[:, None] * e_s * (q - k_row[:, None])
             if HAS_HARD:

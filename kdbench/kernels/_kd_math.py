@@ -27,11 +27,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kdbench.kernels._tile_math import fast_log, rescale
+from kdbench.kernels._tile_math import LOG2E, fast_log, fast_log2, finite_shift, rescale
 from kdbench.kernels._utils import cast_for_store
 
 # Below any finite log-ratio of float32 logits; p * (-BIG) is 0 for p == 0.
 BIG = tl.constexpr(3.0e38)
+# float32's smallest normal number, 2**-126.
+TINY = tl.constexpr(1.1754943508222875e-38)
 
 
 @triton.jit
@@ -47,17 +49,42 @@ def plog(d):
 
 
 @triton.jit
-def jsd_log_ratios(ls, lt, p_s, p_t, beta, ub_s, ub_t, ON_GPU: tl.constexpr):
-    """(log p_s - log M, log p_t - log M) for M = beta p_t + (1 - beta) p_s.
+def jsd_log_ratios(ls, lt, p_s, p_t, beta, ub_s, ub_t, LOG2: tl.constexpr, ON_GPU: tl.constexpr):
+    """(log p_s - log M, log p_t - log M) for M = beta p_t + (1 - beta) p_s, in nats, or
+    with LOG2 in bits (ls, lt, ub_s and ub_t then in bits too).
 
     log M is taken from M itself (one log).  Where M underflows to 0 the ratios are
     capped by their exact bounds, log p_s - log M <= -log(1 - beta) = ub_s and
     log p_t - log M <= -log(beta) = ub_t, which only those underflowing entries reach.
     """
-    log_m = fast_log(beta * p_t + (1.0 - beta) * p_s, ON_GPU)
-    d_s = tl.minimum(plog(ls - log_m), ub_s)
-    d_t = tl.minimum(plog(lt - log_m), ub_t)
+    m = beta * p_t + (1.0 - beta) * p_s
+    if LOG2:
+        # M held at float32's smallest normal: a p_s or p_t > 0 leaves every ratio finite
+        # (one max per element where the two bounds took two), and an M below it, whose
+        # entries carry p < 2**-125, is off by terms of that size.
+        d_s = plog(ls - fast_log2(tl.maximum(m, TINY), ON_GPU))
+        d_t = plog(lt - fast_log2(tl.maximum(m, TINY), ON_GPU))
+    else:
+        log_m = fast_log(m, ON_GPU)
+        d_s = tl.minimum(plog(ls - log_m), ub_s)
+        d_t = tl.minimum(plog(lt - log_m), ub_t)
     return d_s, d_t
+
+
+@triton.jit
+def log2_probs(z, m_row, s_row, counted, scale, ON_GPU: tl.constexpr):
+    """(log2 p, p) of a tile for its row's merged max and sum of exp, p = softmax(z * scale).
+
+    log2 p = (z - m) * scale * log2(e) - log2(s): the difference of logits first, exact
+    for logits of any size, and p = 2**(log2 p) from it, one fma and one exp per element
+    (where ``e * r`` would take a product more).  0 in rows that do not count (their
+    logits are -inf), NaN in counted rows without a positive sum.  On a GPU log2(s) is
+    MUFU's (s >= 1; an error of 2**-22 scales the row's p by 1 + 2e-7 at most), not
+    libdevice's two dozen instructions per item.
+    """
+    shift = tl.where(counted, fast_log2(s_row, ON_GPU), float("inf"))
+    l2 = (z - finite_shift(m_row)[:, None]) * (scale * LOG2E) - shift[:, None]
+    return l2, tl.exp2(l2)
 
 
 @triton.jit

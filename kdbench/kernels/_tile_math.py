@@ -58,15 +58,24 @@ def merge_chunks(m, s, scale):
 
 
 @triton.jit
-def fast_log(x, FAST: tl.constexpr):
-    """Natural log: MUFU's lg2.approx (error about 2**-22 in log2) on a GPU, tl.log elsewhere.
+def fast_log2(x, FAST: tl.constexpr):
+    """log2: MUFU's lg2.approx (error about 2**-22) on a GPU, tl.log2 elsewhere.
 
-    tl.log lowers to libdevice's correctly rounded logf, about twenty instructions; the
-    interpreter cannot run inline PTX.  Denormals flush to zero (-inf).
+    Triton's own log lowers to libdevice's correctly rounded logf, about twenty
+    instructions; the interpreter cannot run inline PTX.  Denormals flush to zero (-inf).
     """
     if FAST:
         return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1) * LN2
+                                         is_pure=True, pack=1)
+    else:
+        return tl.log2(x)
+
+
+@triton.jit
+def fast_log(x, FAST: tl.constexpr):
+    """Natural log, :func:`fast_log2` times ln 2."""
+    if FAST:
+        return fast_log2(x, FAST) * LN2
     else:
         return tl.log(x)
 
