@@ -9,7 +9,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kdbench.kernels._kd_math import gather_chunks, jsd_log_ratios, log2_probs, plog, prob_factor, splat
+from kdbench.kernels._kd_math import (
+    gather_chunks, jsd_log2_ratios, jsd_log_ratios, log2_probs, plog, prob_factor, splat,
+)
 from kdbench.kernels._tile_math import LN2, LOG2E, finite_shift, merge_chunks, tile_exp, tile_exp_fma, widen
 from kdbench.kernels._utils import arrive, arrive_and_wait, cast_for_store, wait_until
 
@@ -146,7 +148,7 @@ def kd_item(
             if JSD2:
                 # The log-probabilities JSD needs anyway give p in one exp each: e_* hold
                 # p_* here (r_* = 1 below).
-                f_s, f_t, f_1 = 1.0, 1.0, 1.0
+                f_1 = 1.0
                 ls2, e_s = log2_probs(z, M_s, S_s, counted, inv_t, ON_GPU)
                 lt2, e_t = log2_probs(zt, M_t, S_t, counted, inv_t, ON_GPU)
                 e_1 = e_s
@@ -216,14 +218,14 @@ def kd_item(
             else:
                 if JSD2:
                     # Ratios in bits (q too, for the gradient), the sums back in nats.
-                    q, d_t = jsd_log_ratios(ls2, lt2, e_s, e_t, beta, ub_s * LOG2E, ub_t * LOG2E, True, ON_GPU)
+                    q, d_t = jsd_log2_ratios(ls2, lt2, e_s, e_t, beta, ON_GPU)
                     k_part, l_t = tl.sum(e_s * q, 1) * LN2, tl.sum(e_t * d_t, 1) * LN2
                 else:
                     p_s = e_s * r_s[:, None]
                     p_t = e_t * r_t[:, None]
                     ls = (z - finite_shift(M_s)[:, None]) * inv_t - tl.log(S_s)[:, None]
                     lt = (zt - finite_shift(M_t)[:, None]) * inv_t - tl.log(S_t)[:, None]
-                    q, d_t = jsd_log_ratios(ls, lt, p_s, p_t, beta, ub_s, ub_t, False, ON_GPU)
+                    q, d_t = jsd_log_ratios(ls, lt, p_s, p_t, beta, ub_s, ub_t, ON_GPU)
                     k_part, l_t = tl.sum(p_s * q, 1), tl.sum(p_t * d_t, 1)
                 loss = beta * l_t + (1.0 - beta) * k_part
                 k_row = k_part

@@ -49,26 +49,30 @@ def plog(d):
 
 
 @triton.jit
-def jsd_log_ratios(ls, lt, p_s, p_t, beta, ub_s, ub_t, LOG2: tl.constexpr, ON_GPU: tl.constexpr):
-    """(log p_s - log M, log p_t - log M) for M = beta p_t + (1 - beta) p_s, in nats, or
-    with LOG2 in bits (ls, lt, ub_s and ub_t then in bits too).
+def jsd_log_ratios(ls, lt, p_s, p_t, beta, ub_s, ub_t, ON_GPU: tl.constexpr):
+    """(log p_s - log M, log p_t - log M) for M = beta p_t + (1 - beta) p_s.
 
     log M is taken from M itself (one log).  Where M underflows to 0 the ratios are
     capped by their exact bounds, log p_s - log M <= -log(1 - beta) = ub_s and
     log p_t - log M <= -log(beta) = ub_t, which only those underflowing entries reach.
     """
-    m = beta * p_t + (1.0 - beta) * p_s
-    if LOG2:
-        # M held at float32's smallest normal: a p_s or p_t > 0 leaves every ratio finite
-        # (one max per element where the two bounds took two), and an M below it, whose
-        # entries carry p < 2**-125, is off by terms of that size.
-        d_s = plog(ls - fast_log2(tl.maximum(m, TINY), ON_GPU))
-        d_t = plog(lt - fast_log2(tl.maximum(m, TINY), ON_GPU))
-    else:
-        log_m = fast_log(m, ON_GPU)
-        d_s = tl.minimum(plog(ls - log_m), ub_s)
-        d_t = tl.minimum(plog(lt - log_m), ub_t)
+    log_m = fast_log(beta * p_t + (1.0 - beta) * p_s, ON_GPU)
+    d_s = tl.minimum(plog(ls - log_m), ub_s)
+    d_t = tl.minimum(plog(lt - log_m), ub_t)
     return d_s, d_t
+
+
+@triton.jit
+def jsd_log2_ratios(ls2, lt2, p_s, p_t, beta, ON_GPU: tl.constexpr):
+    """:func:`jsd_log_ratios` in bits, from log2 p_s and log2 p_t.
+
+    M is held at float32's smallest normal instead of capping each ratio by its bound:
+    with p_s or p_t > 0 every ratio is finite (one max per element pair where the two
+    bounds took two), and an M below it, whose entries carry p < 2**-125, is off by
+    terms of that size.
+    """
+    log2_m = fast_log2(tl.maximum(beta * p_t + (1.0 - beta) * p_s, TINY), ON_GPU)
+    return plog(ls2 - log2_m), plog(lt2 - log2_m)
 
 
 @triton.jit

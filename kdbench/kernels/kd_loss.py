@@ -79,9 +79,9 @@ one launch, forward KL 30.5, reverse KL 32.1, JSD 50.6, against about 50 that an
 issue per pair at copy bandwidth; as separate launches, which load and exponentiate
 every tile twice (three times for JSD), forward KL 22.1 + 17.8 = 39.9, reverse KL 42.1,
 JSD 16.6 + 26.0 + 23.1 = 65.6 (its later launches work in bits: log2 p from the logits'
-difference, p = 2**(log2 p) from it, ``_kd_math.log2_probs``).  bfloat16 rows of even length and stride are loaded as 32-bit words of two
-values and widened with one integer instruction per value (``_tile_math.widen``), where
-Triton's own conversion takes two.
+difference, p = 2**(log2 p) from it, ``_kd_math.log2_probs``).  bfloat16 rows of even
+length and stride are loaded as 32-bit words of two values and widened with one integer
+instruction per value (``_tile_math.widen``), where Triton's own conversion takes two.
 
 float16 gradients
 -----------------
